@@ -1,0 +1,13 @@
+//! kvsync: an exact, fleet-wide index of which vLLM pod holds which prefix of tokens in its KV
+//! cache, fed by vLLM's KV cache events, answering routing queries.
+//!
+//! ```text
+//!  pods (Kubernetes or a static file) ──▶ manager ──▶ subscribers (kv-events)
+//!                                                        │ EventBatch
+//!                                                        ▼
+//!                          HTTP /v1/route ──▶ prefix-index ◀── apply(worker, event)
+//! ```
+//!
+//! So far: the JSON-lines view of events that `tap` and `capture` print.
+
+pub mod json;

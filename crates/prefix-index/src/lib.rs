@@ -1,0 +1,1 @@
+//! The sync prefix hash index (see DESIGN.md, "The index").
