@@ -223,9 +223,14 @@ impl<'a> Reader<'a> {
     /// A non-negative integer that fits in a `u64`.
     #[inline]
     pub fn u64(&mut self) -> Result<u64, ReadError> {
-        match self.int()? {
-            Int::Uint(v) => Ok(v),
-            Int::Int(v) => Err(ReadError::Range {
+        match self.int() {
+            Ok(Int::Uint(v)) => Ok(v),
+            Err(ReadError::Type { found, .. }) => Err(ReadError::Type {
+                expected: "unsigned int",
+                found,
+            }),
+            Err(e) => Err(e),
+            Ok(Int::Int(v)) => Err(ReadError::Range {
                 expected: "unsigned int",
                 value: i128::from(v),
             }),
