@@ -506,7 +506,17 @@ impl State {
         if s.token_ids.is_empty() {
             return self.store_tokenless(w, s, tier, tick);
         }
-        let lora = s.lora_name.as_deref().or(src.default_lora);
+        // The adapter: its name on the event, else its id (vLLM < 0.14 sends only the id),
+        // else the pod's label.
+        let lora_id;
+        let lora = match (&s.lora_name, s.lora_id) {
+            (Some(name), _) => Some(name.as_str()),
+            (None, Some(id)) => {
+                lora_id = id.to_string();
+                Some(lora_id.as_str())
+            }
+            (None, None) => src.default_lora,
+        };
         let Some(c) = self.context(cfg, src.model, lora, tick) else {
             self.stats.rejected_limits += 1;
             return rejected(Rejection::ContextLimit);
@@ -875,8 +885,11 @@ fn remove_block(ctx: &mut Context, router: u64, bytes: &mut usize, blocks: &mut 
     *bytes -= BLOCK_COST + LEAF_COST;
     if let Some(p) = b.parent {
         if let Some(pb) = ctx.blocks.get_mut(&p) {
-            pb.children = pb.children.saturating_sub(1);
-            if pb.children == 0 {
+            // A parent re-created after this block was stored does not count it.
+            if pb.children > 0 {
+                pb.children -= 1;
+            }
+            if pb.children == 0 && !ctx.leaves.contains(&(pb.filed, p)) {
                 pb.filed = pb.last_used.load(Relaxed);
                 ctx.leaves.insert((pb.filed, p));
             }

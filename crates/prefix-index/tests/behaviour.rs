@@ -1,0 +1,344 @@
+//! Named behaviours: the two AIBrix bugs, the golden vLLM scenario through the decoder,
+//! block-size checks, budgets and eviction, and readers with writers at once.
+
+use kv_events::{decode, parse_live, BlockHash, BlockRemoved, BlockStored, Event};
+use prefix_index::{Index, IndexConfig, Rejection, Source, Tier, WorkerId};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const SRC: Source<'static> = Source {
+    model: "llama",
+    default_lora: None,
+};
+
+fn stored(parent: Option<u64>, hashes: &[u64], tokens: Vec<u32>, bs: u32) -> Event {
+    Event::BlockStored(BlockStored {
+        block_hashes: hashes.iter().copied().map(BlockHash::Uint).collect(),
+        parent_block_hash: parent.map(BlockHash::Uint),
+        token_ids: tokens,
+        block_size: bs,
+        ..Default::default()
+    })
+}
+
+fn removed(hashes: &[u64]) -> Event {
+    Event::BlockRemoved(BlockRemoved {
+        block_hashes: hashes.iter().copied().map(BlockHash::Uint).collect(),
+        ..Default::default()
+    })
+}
+
+fn blocks_of(index: &Index, tokens: &[u32], w: &WorkerId) -> u32 {
+    index
+        .lookup("llama", None, tokens)
+        .matches
+        .iter()
+        .find(|m| &m.worker == w)
+        .map_or(0, |m| m.blocks)
+}
+
+/// AIBrix hashed every block of a multi-block event against the event's parent, so its
+/// hashes never matched what the router computes for a query. Here a 3-block event and
+/// three 1-block events of the same tokens must index the same chain.
+#[test]
+fn aibrix_bug_multi_block_event_chains_inside_the_event() {
+    let index = Index::new(IndexConfig::default());
+    let (a, b) = (WorkerId::new("a", 0), WorkerId::new("b", 0));
+    let tokens: Vec<u32> = (1..=12).collect();
+    index.apply(&a, SRC, &stored(None, &[11, 12, 13], tokens.clone(), 4));
+    index.apply(&b, SRC, &stored(None, &[21], tokens[..4].to_vec(), 4));
+    index.apply(&b, SRC, &stored(Some(21), &[22], tokens[4..8].to_vec(), 4));
+    index.apply(&b, SRC, &stored(Some(22), &[23], tokens[8..].to_vec(), 4));
+    let l = index.lookup("llama", None, &tokens);
+    assert_eq!(l.num_blocks, 3);
+    assert_eq!(blocks_of(&index, &tokens, &a), 3);
+    assert_eq!(blocks_of(&index, &tokens, &b), 3);
+    assert_eq!(
+        index.stats().blocks,
+        3,
+        "both workers share the same three router blocks"
+    );
+}
+
+/// AIBrix deleted a block for every pod when one pod evicted it.
+#[test]
+fn aibrix_bug_one_workers_removal_leaves_other_holders() {
+    let index = Index::new(IndexConfig::default());
+    let (a, b) = (WorkerId::new("a", 0), WorkerId::new("b", 0));
+    let tokens: Vec<u32> = (1..=8).collect();
+    index.apply(&a, SRC, &stored(None, &[1, 2], tokens.clone(), 4));
+    index.apply(&b, SRC, &stored(None, &[1, 2], tokens.clone(), 4));
+    index.apply(&a, SRC, &removed(&[2]));
+    assert_eq!(blocks_of(&index, &tokens, &a), 1);
+    assert_eq!(blocks_of(&index, &tokens, &b), 2);
+    index.apply(&a, SRC, &removed(&[1]));
+    assert_eq!(blocks_of(&index, &tokens, &a), 0);
+    assert_eq!(blocks_of(&index, &tokens, &b), 2);
+    assert_eq!(index.stats().blocks, 2);
+    index.check_invariants();
+}
+
+#[test]
+fn unknown_parent_is_an_orphan_never_a_prompt_start() {
+    let index = Index::new(IndexConfig::default());
+    let a = WorkerId::new("a", 0);
+    let r = index.apply(&a, SRC, &stored(Some(999), &[5], vec![1, 2, 3, 4], 4));
+    assert_eq!(r.rejected, Some(Rejection::Orphan));
+    assert_eq!(index.stats().orphans, 1);
+    assert_eq!(
+        blocks_of(&index, &[1, 2, 3, 4], &a),
+        0,
+        "not indexed as a prompt start"
+    );
+}
+
+#[test]
+fn block_size_is_learned_then_checked() {
+    let index = Index::new(IndexConfig::default());
+    let a = WorkerId::new("a", 0);
+    index.apply(&a, SRC, &stored(None, &[1], vec![1, 2, 3, 4], 4));
+    let r = index.apply(&a, SRC, &stored(None, &[2], (1..=8).collect(), 8));
+    assert_eq!(
+        r.rejected,
+        Some(Rejection::BlockSizeMismatch {
+            context: 4,
+            event: 8
+        })
+    );
+    let r = index.apply(&a, SRC, &stored(None, &[3], vec![1, 2, 3], 3));
+    assert_eq!(r.stored, 0, "a partial block is not a full block");
+    let r = index.apply(&a, SRC, &stored(None, &[4], vec![1, 2, 3], 4));
+    assert_eq!(r.rejected, Some(Rejection::TokenCount));
+    let s = index.stats();
+    assert_eq!(
+        (s.block_size_mismatches, s.partial_blocks, s.malformed),
+        (1, 1, 1)
+    );
+    assert_eq!(index.block_size("llama", None), Some(4));
+    // The good block is untouched by the bad events.
+    assert_eq!(blocks_of(&index, &[1, 2, 3, 4], &a), 1);
+}
+
+fn testdata() -> PathBuf {
+    std::env::var_os("KVSYNC_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+        .join("testdata/vllm-kv-events")
+}
+
+/// The golden scenario, applied through the decoder for every captured vLLM version.
+#[test]
+fn golden_scenario_through_the_decoder() {
+    for name in [
+        "vllm-0.9.0_signed-int-hashes.json",
+        "vllm-0.10.2_int-hashes.json",
+        "vllm-0.14.0_int-hashes.json",
+        "vllm-0.24.0_int-hashes.json",
+        "vllm-0.33.0_int-hashes.json",
+        "vllm-0.33.0_bytes-hashes.json",
+    ] {
+        let text = std::fs::read_to_string(testdata().join(name)).expect("capture");
+        let doc: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let batches: Vec<_> = doc["live"]
+            .as_array()
+            .expect("live")
+            .iter()
+            .map(|m| {
+                let frames: Vec<Vec<u8>> = m["frames_hex"]
+                    .as_array()
+                    .expect("frames")
+                    .iter()
+                    .map(|f| hex::decode(f.as_str().expect("str")).expect("hex"))
+                    .collect();
+                decode(parse_live(&frames).expect("frames").payload).expect("decodes")
+            })
+            .collect();
+        let w = WorkerId::new("ns/vllm-0", 0);
+        // The pod's label names no adapter; batch 2 names "sql-lora" itself (>= 0.14), or
+        // only lora_id 1 (older), which then names the context.
+        let lora = if name.contains("0.9.0") || name.contains("0.10.2") {
+            "1"
+        } else {
+            "sql-lora"
+        };
+        let index = Index::new(IndexConfig::default());
+        let apply = |i: usize| {
+            for e in &batches[i].events {
+                index.apply(&w, SRC, e);
+            }
+        };
+        let a: Vec<u32> = (1..=16).collect();
+        let b: Vec<u32> = (1..=8).chain(201..=204).collect();
+        apply(0);
+        apply(1);
+        assert_eq!(blocks_of(&index, &a, &w), 4, "{name}: A0..A3");
+        assert_eq!(blocks_of(&index, &b, &w), 3, "{name}: B shares A0, A1");
+        apply(2);
+        {
+            let l = index.lookup("llama", Some(lora), &a[..8]);
+            assert_eq!(l.matches.len(), 1, "{name}");
+            assert_eq!(l.matches[0].blocks, 2, "{name}: C0, C1 under the adapter");
+        }
+        apply(3);
+        assert_eq!(blocks_of(&index, &a, &w), 3, "{name}: A3 removed");
+        assert_eq!(blocks_of(&index, &b, &w), 2, "{name}: B2 removed");
+        apply(4);
+        let l = index.lookup("llama", None, &a);
+        let m = &l.matches[0];
+        let cpu_ok = !name.contains("0.9.0");
+        assert_eq!(m.per_tier[Tier::Gpu as usize], 3, "{name}");
+        assert_eq!(
+            m.per_tier[Tier::Cpu as usize],
+            u32::from(cpu_ok),
+            "{name}: A0 also on CPU"
+        );
+        apply(5);
+        assert_eq!(blocks_of(&index, &a, &w), 0, "{name}: cleared");
+        assert!(index
+            .lookup("llama", Some(lora), &a[..8])
+            .matches
+            .is_empty());
+        apply(6);
+        assert_eq!(blocks_of(&index, &a, &w), 1, "{name}: A0 again");
+        let s = index.stats();
+        assert_eq!((s.blocks, s.worker_blocks, s.orphans), (1, 1, 0), "{name}");
+        index.check_invariants();
+    }
+}
+
+#[test]
+fn per_context_limit_evicts_least_recently_used_leaves_first() {
+    let index = Index::new(IndexConfig::default().max_blocks_per_context(4));
+    let a = WorkerId::new("a", 0);
+    // Chain X: 3 blocks; chain Y: 2 blocks stored later. Limit 4 → X's leaf goes first.
+    index.apply(&a, SRC, &stored(None, &[1, 2, 3], (1..=12).collect(), 4));
+    let x: Vec<u32> = (1..=12).collect();
+    let y: Vec<u32> = (100..108).collect();
+    index.apply(&a, SRC, &stored(None, &[7, 8], y.clone(), 4));
+    assert_eq!(index.stats().blocks, 4);
+    assert_eq!(index.stats().evictions, 1);
+    assert_eq!(
+        blocks_of(&index, &x, &a),
+        2,
+        "X's leaf (its third block) was evicted"
+    );
+    assert_eq!(blocks_of(&index, &y, &a), 2);
+    // Looking X up refreshes it; a new chain then evicts Y's leaf, the least recently used.
+    assert_eq!(blocks_of(&index, &x, &a), 2);
+    index.apply(&a, SRC, &stored(None, &[9], (200..204).collect(), 4));
+    assert_eq!(blocks_of(&index, &y, &a), 1, "Y was least recently used");
+    assert_eq!(blocks_of(&index, &x, &a), 2);
+    index.check_invariants();
+    // The evicted block's engine hash is forgotten: removing it is an unknown removal.
+    let r = index.apply(&a, SRC, &removed(&[3]));
+    assert_eq!(r.rejected, Some(Rejection::UnknownRemoval));
+}
+
+#[test]
+fn byte_budget_is_a_hard_bound() {
+    let budget = 64 * 1024;
+    let index = Index::new(
+        IndexConfig::default()
+            .max_bytes(budget)
+            .max_blocks_per_context(1 << 20),
+    );
+    for w in 0..4u32 {
+        let wid = WorkerId::new(format!("w{w}"), 0);
+        for r in 0..200u64 {
+            let base = (u64::from(w) << 32) | (r << 8);
+            let tokens: Vec<u32> = (0..32).map(|i| (base as u32).wrapping_add(i)).collect();
+            index.apply(
+                &wid,
+                SRC,
+                &stored(None, &[base, base + 1, base + 2, base + 3], tokens, 8),
+            );
+            assert!(index.stats().bytes <= budget, "{:?}", index.stats());
+        }
+    }
+    let s = index.stats();
+    assert!(s.evictions > 0);
+    assert!(s.blocks > 0);
+    index.check_invariants();
+}
+
+#[test]
+fn context_limit_drops_the_least_recently_used_context() {
+    let index = Index::new(IndexConfig::default().max_contexts(2));
+    let a = WorkerId::new("a", 0);
+    for m in ["m1", "m2", "m3"] {
+        let src = Source {
+            model: m,
+            default_lora: None,
+        };
+        let h = m.as_bytes()[1] as u64;
+        index.apply(&a, src, &stored(None, &[h], vec![1, 2, 3, 4], 4));
+    }
+    let s = index.stats();
+    assert_eq!((s.contexts, s.context_evictions, s.blocks), (2, 1, 2));
+    assert!(index.lookup("m1", None, &[1, 2, 3, 4]).matches.is_empty());
+    assert_eq!(index.lookup("m3", None, &[1, 2, 3, 4]).matches.len(), 1);
+    index.check_invariants();
+}
+
+/// Readers and writers together: writers apply chains and remove them; readers check on
+/// every lookup that a worker's count never exceeds the chain it could hold and that
+/// matches are sorted. Afterwards the invariants hold and removal empties the index.
+#[test]
+fn readers_and_writers_together_keep_invariants() {
+    let index = Arc::new(Index::new(
+        IndexConfig::default().max_blocks_per_context(1 << 20),
+    ));
+    let chain: Vec<u32> = (0..64).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3u64)
+        .map(|w| {
+            let index = index.clone();
+            let chain = chain.clone();
+            std::thread::spawn(move || {
+                let wid = WorkerId::new(format!("w{w}"), 0);
+                for round in 0..300u64 {
+                    let hashes: Vec<u64> = (0..16).map(|i| (w << 40) | (round << 8) | i).collect();
+                    index.apply(&wid, SRC, &stored(None, &hashes, chain.clone(), 4));
+                    for h in hashes.iter().rev().take((round % 17) as usize) {
+                        index.apply(&wid, SRC, &removed(&[*h]));
+                    }
+                    index.apply(&wid, SRC, &Event::AllBlocksCleared);
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let index = index.clone();
+            let chain = chain.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let l = index.lookup("llama", None, &chain);
+                    for m in &l.matches {
+                        assert!(m.blocks >= 1 && m.blocks <= 16, "{m:?}");
+                        assert!(m.per_tier[0] == m.blocks);
+                        seen += 1;
+                    }
+                    assert!(l.matches.windows(2).all(|p| p[0].blocks >= p[1].blocks));
+                }
+                seen
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.join().expect("reader");
+    }
+    index.check_invariants();
+    let s = index.stats();
+    assert_eq!(
+        (s.blocks, s.worker_blocks),
+        (0, 0),
+        "every round ended with a clear"
+    );
+}
