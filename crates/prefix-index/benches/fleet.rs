@@ -77,7 +77,6 @@ fn engine_hash(parent: u64, tokens: &[u32]) -> u64 {
 
 struct Request {
     worker: usize,
-    prompt: usize,
     tokens: Vec<u32>,
     /// Engine hashes of the request's own blocks after the system prompt (suffix + decode).
     own: Vec<u64>,
@@ -93,7 +92,12 @@ struct Workload {
 
 /// Stores `tokens` (whole blocks) after `parent` in events of at most 128 blocks; returns the
 /// engine hashes.
-fn store_events(out: &mut Vec<(usize, Event)>, w: usize, mut parent: Option<u64>, tokens: &[u32]) -> Vec<u64> {
+fn store_events(
+    out: &mut Vec<(usize, Event)>,
+    w: usize,
+    mut parent: Option<u64>,
+    tokens: &[u32],
+) -> Vec<u64> {
     let mut hashes = Vec::with_capacity(tokens.len() / BS);
     for chunk in tokens.chunks(MAX_EVENT_BLOCKS * BS) {
         let first_parent = parent;
@@ -121,7 +125,11 @@ fn store_events(out: &mut Vec<(usize, Event)>, w: usize, mut parent: Option<u64>
 fn workload(seed: u64, n_requests: usize) -> Workload {
     let mut rng = SmallRng::seed_from_u64(seed);
     let prompts: Vec<Vec<u32>> = (0..PROMPTS)
-        .map(|_| (0..PROMPT_TOKENS).map(|_| rng.gen_range(0..VOCAB)).collect())
+        .map(|_| {
+            (0..PROMPT_TOKENS)
+                .map(|_| rng.gen_range(0..VOCAB))
+                .collect()
+        })
         .collect();
     let hosts: Vec<Vec<usize>> = (0..PROMPTS)
         .map(|_| {
@@ -158,10 +166,15 @@ fn workload(seed: u64, n_requests: usize) -> Workload {
                 last
             }
         };
-        let own = store_events(&mut wl.prefill, w, Some(prompt_tail), &tokens[PROMPT_TOKENS..]);
+        let own = store_events(
+            &mut wl.prefill,
+            w,
+            Some(prompt_tail),
+            &tokens[PROMPT_TOKENS..],
+        );
         wl.requests.push(Request {
             worker: w,
-            prompt: p,
+
             tokens,
             own,
         });
@@ -243,9 +256,18 @@ fn query_sets(wl: &Workload, rng: &mut SmallRng, n: usize) -> Vec<QuerySet> {
         } else {
             ["8k_full", "8k_sysprompt", "8k_miss"]
         };
-        sets.push(QuerySet { name: names[0], queries: full });
-        sets.push(QuerySet { name: names[1], queries: sys });
-        sets.push(QuerySet { name: names[2], queries: miss });
+        sets.push(QuerySet {
+            name: names[0],
+            queries: full,
+        });
+        sets.push(QuerySet {
+            name: names[1],
+            queries: sys,
+        });
+        sets.push(QuerySet {
+            name: names[2],
+            queries: miss,
+        });
     }
     sets
 }
@@ -253,7 +275,11 @@ fn query_sets(wl: &Workload, rng: &mut SmallRng, n: usize) -> Vec<QuerySet> {
 fn emit(dir: &str, wl: &Workload, sets: &[QuerySet]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut ev = std::io::BufWriter::new(std::fs::File::create(format!("{dir}/events.jsonl"))?);
-    for (phase, list) in [("prefill", &wl.prefill), ("decode", &wl.decode), ("remove", &wl.remove)] {
+    for (phase, list) in [
+        ("prefill", &wl.prefill),
+        ("decode", &wl.decode),
+        ("remove", &wl.remove),
+    ] {
         for (w, e) in list.iter() {
             let line = match e {
                 Event::BlockStored(s) => serde_json::json!({
@@ -266,7 +292,9 @@ fn emit(dir: &str, wl: &Workload, sets: &[QuerySet]) -> std::io::Result<()> {
                     "phase": phase, "worker": w, "type": "BlockRemoved",
                     "block_hashes": r.block_hashes.iter().map(BlockHash::key64).collect::<Vec<_>>(),
                 }),
-                Event::AllBlocksCleared => serde_json::json!({"phase": phase, "worker": w, "type": "AllBlocksCleared"}),
+                Event::AllBlocksCleared => {
+                    serde_json::json!({"phase": phase, "worker": w, "type": "AllBlocksCleared"})
+                }
             };
             writeln!(ev, "{line}")?;
         }
@@ -282,8 +310,14 @@ fn emit(dir: &str, wl: &Workload, sets: &[QuerySet]) -> std::io::Result<()> {
 
 fn main() {
     check_counting_allocator();
-    let seed: u64 = std::env::var("FLEET_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(42);
-    let n: usize = std::env::var("FLEET_REQUESTS").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let seed: u64 = std::env::var("FLEET_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(42);
+    let n: usize = std::env::var("FLEET_REQUESTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
     let t = Instant::now();
     let wl = workload(seed, n);
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x51);
@@ -301,8 +335,13 @@ fn main() {
         emit(&dir, &wl, &sets).expect("writing the workload");
         println!("workload written to {dir}/events.jsonl and {dir}/queries.jsonl");
     }
-    let workers: Vec<WorkerId> = (0..WORKERS).map(|w| WorkerId::new(format!("ns/pod-{w}"), 0)).collect();
-    let src = Source { model: MODEL, default_lora: None };
+    let workers: Vec<WorkerId> = (0..WORKERS)
+        .map(|w| WorkerId::new(format!("ns/pod-{w}"), 0))
+        .collect();
+    let src = Source {
+        model: MODEL,
+        default_lora: None,
+    };
 
     let base = LIVE.load(Relaxed);
     let index = Index::new(

@@ -1,6 +1,6 @@
 //! The router's own block hash chain and the hasher for u64-keyed maps.
 
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher;
 use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3Builder};
 
 /// The seed every kvsync replica uses unless configured otherwise: replicas must agree.
@@ -29,6 +29,16 @@ pub struct ChainHasher {
 impl ChainHasher {
     #[inline]
     pub fn next(&mut self, seed: u64, prev: u64, tokens: &[u32]) -> u64 {
+        // Block sizes up to 64 tokens hash from the stack.
+        const STACK_TOKENS: usize = 64;
+        if tokens.len() <= STACK_TOKENS {
+            let mut buf = [0u8; 8 + 4 * STACK_TOKENS];
+            buf[..8].copy_from_slice(&prev.to_le_bytes());
+            for (dst, t) in buf[8..].chunks_exact_mut(4).zip(tokens) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            return xxh3_64_with_seed(&buf[..8 + 4 * tokens.len()], seed);
+        }
         self.buf.clear();
         self.buf.extend_from_slice(&prev.to_le_bytes());
         for t in tokens {
@@ -54,46 +64,12 @@ impl ChainHasher {
     }
 }
 
-/// A fast hasher for keys that are already u64 hashes (or small test integers): one folded
-/// 128-bit multiply, so both the high and the low bits mix well.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct MixHasher(u64);
-
-impl Hasher for MixHasher {
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(b));
-        }
-    }
-
-    #[inline]
-    fn write_u64(&mut self, x: u64) {
-        let m = u128::from(self.0 ^ x ^ 0x243f_6a88_85a3_08d3) * 0x9e37_79b9_7f4a_7c15;
-        self.0 = (m as u64) ^ ((m >> 64) as u64);
-    }
-
-    #[inline]
-    fn write_u32(&mut self, x: u32) {
-        self.write_u64(u64::from(x));
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Mix;
-
-impl BuildHasher for Mix {
-    type Hasher = MixHasher;
-    #[inline]
-    fn build_hasher(&self) -> MixHasher {
-        MixHasher(0)
-    }
+/// Mixes a u64 key (an engine hash, possibly a small test integer) into a well-spread hash:
+/// one folded 128-bit multiply, so the high and low bits both mix.
+#[inline]
+pub(crate) fn mix(x: u64) -> u64 {
+    let m = u128::from(x ^ 0x243f_6a88_85a3_08d3) * 0x9e37_79b9_7f4a_7c15;
+    (m as u64) ^ ((m >> 64) as u64)
 }
 
 #[cfg(test)]
@@ -117,5 +93,17 @@ mod tests {
         let mut c = Vec::new();
         h.chain(DEFAULT_SEED, root, 2, &[1, 2, 3, 4], &mut c);
         assert_eq!(c, a);
+        // The stack path (<= 64 tokens) and the heap path hash the same bytes.
+        let long: Vec<u32> = (0..65).collect();
+        let by_heap = h.next(DEFAULT_SEED, root, &long);
+        let mut bytes = root.to_le_bytes().to_vec();
+        for t in &long {
+            bytes.extend_from_slice(&t.to_le_bytes());
+        }
+        assert_eq!(by_heap, xxh3_64_with_seed(&bytes, DEFAULT_SEED));
+        assert_eq!(
+            h.next(DEFAULT_SEED, root, &long[..64]),
+            xxh3_64_with_seed(&bytes[..8 + 256], DEFAULT_SEED)
+        );
     }
 }

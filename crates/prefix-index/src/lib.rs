@@ -11,10 +11,13 @@
 //! fixed per-context root, so a query's tokens hash to exactly what the events stored.
 //! Engine hashes are kept only to resolve parents and removals. No I/O, no tasks.
 
+mod context;
 mod hash;
 mod index;
 mod tier;
+mod types;
 
 pub use hash::{context_root, ChainHasher, DEFAULT_SEED};
-pub use index::{Applied, Index, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId};
+pub use index::Index;
 pub use tier::{Tier, TierMask};
+pub use types::{Applied, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId};

@@ -1,0 +1,185 @@
+//! `dynamo-compare DIR`: applies DIR/events.jsonl to dynamo-kv-router's `RadixTree` and runs
+//! DIR/queries.jsonl, timing the same phases as `cargo bench -p prefix-index --bench fleet`.
+//! The tokens → local block hash step (Dynamo's `compute_block_hash_for_seq`) is timed with
+//! the apply and with each lookup, as kvsync's own hashing is.
+#![allow(unsafe_code)]
+
+use dynamo_kv_router::protocols::{
+    compute_block_hash_for_seq, BlockHashOptions, ExternalSequenceBlockHash, KvCacheEvent,
+    KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlockData, RouterEvent,
+};
+use dynamo_kv_router::radix_tree::RadixTree;
+use serde_json::Value;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::BufRead;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::time::Instant;
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+// SAFETY: delegates every call to `System` unchanged; the counter touches no returned memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Relaxed);
+        System.alloc_zeroed(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Relaxed);
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
+        System.realloc(p, l, new)
+    }
+}
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const BS: u32 = 16;
+
+enum Raw {
+    Stored { w: u64, parent: Option<u64>, hashes: Vec<u64>, tokens: Vec<u32> },
+    Removed { w: u64, hashes: Vec<u64> },
+}
+
+fn u64s(v: &Value) -> Vec<u64> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
+}
+
+fn to_event(id: u64, r: &Raw) -> RouterEvent {
+    match r {
+        Raw::Stored { w, parent, hashes, tokens } => {
+            let local = compute_block_hash_for_seq(tokens, BS, BlockHashOptions::default());
+            let blocks = hashes
+                .iter()
+                .zip(local)
+                .map(|(h, l)| KvCacheStoredBlockData {
+                    block_hash: ExternalSequenceBlockHash(*h),
+                    tokens_hash: l,
+                    mm_extra_info: None,
+                })
+                .collect();
+            RouterEvent::new(
+                *w,
+                KvCacheEvent {
+                    event_id: id,
+                    data: KvCacheEventData::Stored(KvCacheStoreData {
+                        parent_hash: parent.map(ExternalSequenceBlockHash),
+                        start_position: None,
+                        blocks,
+                    }),
+                    dp_rank: 0,
+                },
+            )
+        }
+        Raw::Removed { w, hashes } => RouterEvent::new(
+            *w,
+            KvCacheEvent {
+                event_id: id,
+                data: KvCacheEventData::Removed(KvCacheRemoveData {
+                    block_hashes: hashes.iter().map(|h| ExternalSequenceBlockHash(*h)).collect(),
+                }),
+                dp_rank: 0,
+            },
+        ),
+    }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let dir = std::env::args().nth(1).expect("usage: dynamo-compare DIR");
+    let mut phases: Vec<(String, Vec<Raw>)> = Vec::new();
+    let f = std::fs::File::open(format!("{dir}/events.jsonl")).expect("events.jsonl");
+    for line in std::io::BufReader::new(f).lines() {
+        let v: Value = serde_json::from_str(&line.expect("line")).expect("json");
+        let phase = v["phase"].as_str().unwrap_or("").to_owned();
+        let w = v["worker"].as_u64().unwrap_or(0);
+        let raw = match v["type"].as_str() {
+            Some("BlockStored") => Raw::Stored {
+                w,
+                parent: v["parent_block_hash"].as_u64(),
+                hashes: u64s(&v["block_hashes"]),
+                tokens: u64s(&v["token_ids"]).into_iter().map(|t| t as u32).collect(),
+            },
+            Some("BlockRemoved") => Raw::Removed { w, hashes: u64s(&v["block_hashes"]) },
+            _ => continue,
+        };
+        if phases.last().map(|p| &p.0) != Some(&phase) {
+            phases.push((phase, Vec::new()));
+        }
+        phases.last_mut().expect("phase").1.push(raw);
+    }
+    let mut sets: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
+    let f = std::fs::File::open(format!("{dir}/queries.jsonl")).expect("queries.jsonl");
+    for line in std::io::BufReader::new(f).lines() {
+        let v: Value = serde_json::from_str(&line.expect("line")).expect("json");
+        let set = v["set"].as_str().unwrap_or("").to_owned();
+        let t: Vec<u32> = u64s(&v["token_ids"]).into_iter().map(|t| t as u32).collect();
+        if sets.last().map(|s| &s.0) != Some(&set) {
+            sets.push((set, Vec::new()));
+        }
+        sets.last_mut().expect("set").1.push(t);
+    }
+
+    let base = LIVE.load(Relaxed);
+    let mut tree = RadixTree::new();
+    let mut id = 0u64;
+    let mut held_blocks = 0usize;
+    for (phase, events) in &phases {
+        if phase == "remove" {
+            // Lookups run between decode and removal, as in the fleet bench.
+            let live = (LIVE.load(Relaxed) - base) as f64;
+            println!(
+                "dynamo RadixTree: heap {:.1} MB = {:.1} bytes per stored block ({held_blocks} stored)",
+                live / 1e6,
+                live / held_blocks as f64
+            );
+            for (name, qs) in &sets {
+                let mut lat = Vec::with_capacity(qs.len());
+                let mut best = 0u64;
+                for q in qs {
+                    let t = Instant::now();
+                    let local = compute_block_hash_for_seq(q, BS, BlockHashOptions::default());
+                    let scores = tree.find_matches(local, false);
+                    lat.push(t.elapsed().as_secs_f64() * 1e6);
+                    best += u64::from(scores.scores.values().copied().max().unwrap_or(0));
+                }
+                println!(
+                    "dynamo lookup {name:<13} p50 {:>7.2} µs  p99 {:>7.2} µs  (mean best match {:.1} blocks)",
+                    pct(&mut lat, 0.5),
+                    pct(&mut lat, 0.99),
+                    best as f64 / qs.len() as f64
+                );
+            }
+        }
+        let blocks: usize = events
+            .iter()
+            .map(|r| match r {
+                Raw::Stored { hashes, .. } | Raw::Removed { hashes, .. } => hashes.len(),
+            })
+            .sum();
+        let t = Instant::now();
+        for r in events {
+            id += 1;
+            let _ = tree.apply_event(to_event(id, r));
+        }
+        let s = t.elapsed().as_secs_f64();
+        if phase != "remove" {
+            held_blocks += blocks;
+        }
+        println!(
+            "dynamo {phase}: {} events, {blocks} blocks in {s:.2}s = {:.2} M blocks/s, {:.0} k events/s",
+            events.len(),
+            blocks as f64 / s / 1e6,
+            events.len() as f64 / s / 1e3
+        );
+    }
+}

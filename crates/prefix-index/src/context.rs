@@ -1,0 +1,345 @@
+//! One (model, LoRA) context: a slab of 32-byte blocks, an open-addressing index of slots
+//! keyed by router hash, the extra holders of shared blocks, and a CLOCK hand for eviction.
+
+use crate::tier::TierMask;
+use hashbrown::HashTable;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+/// "No slot" / "no worker" / "no overflow list".
+pub(crate) const NIL: u32 = u32::MAX;
+
+/// Set by a store or a lookup; cleared by the CLOCK hand (second chance).
+const REFERENCED: u8 = 1;
+
+/// One block of one context. 32 bytes.
+#[derive(Debug)]
+pub(crate) struct Block {
+    /// Router hash.
+    pub key: u64,
+    /// Engine hash of the first holder.
+    pub engine: u64,
+    /// Slot of the parent block, or NIL at the prompt start. The parent may have been removed
+    /// (and its slot reused) since: the link only steers eviction, never a lookup.
+    pub parent: u32,
+    /// First holder's worker index; NIL marks a free slot.
+    pub worker: u32,
+    /// Index of the list of further holders in `Context::more`, or NIL.
+    pub more: u32,
+    /// Children stored after it (saturating; a heuristic for leaf-first eviction).
+    pub children: u16,
+    /// First holder's tiers.
+    pub tiers: TierMask,
+    flags: AtomicU8,
+}
+
+/// A further holder of a shared block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Holder {
+    pub worker: u32,
+    pub tiers: TierMask,
+    pub engine: u64,
+}
+
+impl Block {
+    #[inline]
+    pub fn touch(&self) {
+        if self.flags.load(Relaxed) & REFERENCED == 0 {
+            self.flags.fetch_or(REFERENCED, Relaxed);
+        }
+    }
+
+    pub fn is_free(&self) -> bool {
+        self.worker == NIL
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub model: String,
+    pub lora: Option<String>,
+    pub root: u64,
+    pub block_size: Option<u32>,
+    pub slots: Vec<Block>,
+    free: Vec<u32>,
+    /// Slots by router hash.
+    index: HashTable<u32>,
+    /// Further holders of shared blocks, by `Block::more`.
+    pub more: Vec<Vec<Holder>>,
+    more_free: Vec<u32>,
+    hand: usize,
+    pub last_used: std::sync::atomic::AtomicU64,
+}
+
+/// Router hashes are xxh3 output: uniformly distributed, usable as their own hash.
+#[inline]
+fn h(key: u64) -> u64 {
+    key
+}
+
+impl Context {
+    pub fn new(model: String, lora: Option<String>, root: u64, tick: u64) -> Self {
+        Context {
+            model,
+            lora,
+            root,
+            block_size: None,
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashTable::new(),
+            more: Vec::new(),
+            more_free: Vec::new(),
+            hand: 0,
+            last_used: std::sync::atomic::AtomicU64::new(tick),
+        }
+    }
+
+    /// Blocks held (not free slots).
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    #[inline]
+    pub fn find(&self, key: u64) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(h(key), |&s| slots[s as usize].key == key)
+            .copied()
+    }
+
+    /// `slot + 1` when it holds the block keyed `key` (a cheap guess before `find`).
+    #[inline]
+    pub fn next_slot_if(&self, slot: u32, key: u64) -> Option<u32> {
+        let next = slot.wrapping_add(1);
+        match self.slots.get(next as usize) {
+            Some(b) if b.key == key && !b.is_free() => Some(next),
+            _ => None,
+        }
+    }
+
+    /// Inserts a new block held by one worker; returns its slot.
+    pub fn insert(&mut self, key: u64, parent: u32, holder: Holder) -> u32 {
+        let block = Block {
+            key,
+            engine: holder.engine,
+            parent,
+            worker: holder.worker,
+            more: NIL,
+            children: 0,
+            tiers: holder.tiers,
+            flags: AtomicU8::new(REFERENCED),
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = block;
+                s
+            }
+            None => {
+                self.slots.push(block);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        self.index
+            .insert_unique(h(key), slot, |&s| h(slots[s as usize].key));
+        if parent != NIL {
+            let p = &mut self.slots[parent as usize];
+            p.children = p.children.saturating_add(1);
+        }
+        slot
+    }
+
+    /// Every holder of a block: (worker, tiers, engine).
+    pub fn holders(&self, slot: u32) -> impl Iterator<Item = Holder> + '_ {
+        let b = &self.slots[slot as usize];
+        let first = Holder {
+            worker: b.worker,
+            tiers: b.tiers,
+            engine: b.engine,
+        };
+        let rest: &[Holder] = if b.more == NIL {
+            &[]
+        } else {
+            &self.more[b.more as usize]
+        };
+        std::iter::once(first).chain(rest.iter().copied())
+    }
+
+    /// The tiers on which `worker` holds `slot`, if it does.
+    #[inline]
+    pub fn tiers_of(&self, slot: u32, worker: u32) -> Option<TierMask> {
+        let b = &self.slots[slot as usize];
+        if b.worker == worker {
+            return Some(b.tiers);
+        }
+        if b.more == NIL {
+            return None;
+        }
+        self.more[b.more as usize]
+            .iter()
+            .find(|x| x.worker == worker)
+            .map(|x| x.tiers)
+    }
+
+    /// The engine hash under which `worker` holds `slot`.
+    pub fn engine_of(&self, slot: u32, worker: u32) -> Option<u64> {
+        self.holders(slot)
+            .find(|x| x.worker == worker)
+            .map(|x| x.engine)
+    }
+
+    /// Whether `worker` holds `slot` under engine hash `engine`.
+    pub fn held_as(&self, slot: u32, worker: u32, engine: u64) -> bool {
+        self.holders(slot)
+            .any(|x| x.worker == worker && x.engine == engine)
+    }
+
+    /// Applies `f` to `worker`'s holder entry of `slot`, if any.
+    pub fn with_holder<R>(
+        &mut self,
+        slot: u32,
+        worker: u32,
+        f: impl FnOnce(&mut TierMask, &mut u64) -> R,
+    ) -> Option<R> {
+        let b = &mut self.slots[slot as usize];
+        if b.worker == worker {
+            return Some(f(&mut b.tiers, &mut b.engine));
+        }
+        if b.more == NIL {
+            return None;
+        }
+        self.more[b.more as usize]
+            .iter_mut()
+            .find(|x| x.worker == worker)
+            .map(|x| f(&mut x.tiers, &mut x.engine))
+    }
+
+    /// Adds a further holder to a block.
+    pub fn add_holder(&mut self, slot: u32, holder: Holder) {
+        let more = self.slots[slot as usize].more;
+        if more != NIL {
+            self.more[more as usize].push(holder);
+            return;
+        }
+        let list = vec![holder];
+        let idx = match self.more_free.pop() {
+            Some(i) => {
+                self.more[i as usize] = list;
+                i
+            }
+            None => {
+                self.more.push(list);
+                (self.more.len() - 1) as u32
+            }
+        };
+        self.slots[slot as usize].more = idx;
+    }
+
+    /// Removes `worker` from the block's holders. Returns true when it held it; the block
+    /// is freed when no holder is left.
+    pub fn remove_holder(&mut self, slot: u32, worker: u32) -> bool {
+        let b = &mut self.slots[slot as usize];
+        let more = b.more;
+        if b.worker == worker {
+            // Promote a further holder, if any.
+            if more != NIL {
+                let list = &mut self.more[more as usize];
+                if let Some(next) = list.pop() {
+                    b.worker = next.worker;
+                    b.tiers = next.tiers;
+                    b.engine = next.engine;
+                    if list.is_empty() {
+                        self.release_more(slot);
+                    }
+                    return true;
+                }
+            }
+            self.free_block(slot);
+            return true;
+        }
+        if more == NIL {
+            return false;
+        }
+        let list = &mut self.more[more as usize];
+        let Some(i) = list.iter().position(|x| x.worker == worker) else {
+            return false;
+        };
+        list.swap_remove(i);
+        if list.is_empty() {
+            self.release_more(slot);
+        }
+        true
+    }
+
+    fn release_more(&mut self, slot: u32) {
+        let b = &mut self.slots[slot as usize];
+        let more = b.more;
+        b.more = NIL;
+        self.more[more as usize] = Vec::new();
+        self.more_free.push(more);
+    }
+
+    /// Frees a slot (its holders must already be released from their engine maps).
+    pub fn free_block(&mut self, slot: u32) {
+        let (key, parent, more) = {
+            let b = &self.slots[slot as usize];
+            (b.key, b.parent, b.more)
+        };
+        if more != NIL {
+            self.release_more(slot);
+        }
+        if let Ok(e) = self.index.find_entry(h(key), |&s| s == slot) {
+            e.remove();
+        }
+        if parent != NIL {
+            let p = &mut self.slots[parent as usize];
+            p.children = p.children.saturating_sub(1);
+        }
+        let b = &mut self.slots[slot as usize];
+        b.worker = NIL;
+        b.more = NIL;
+        b.children = 0;
+        self.free.push(slot);
+    }
+
+    /// The CLOCK hand's next victim: an unreferenced leaf (second chance for referenced
+    /// ones); after two sweeps without one, any unreferenced block. `None` when empty.
+    pub fn victim(&mut self) -> Option<u32> {
+        let n = self.slots.len();
+        if self.len() == 0 || n == 0 {
+            return None;
+        }
+        for pass in 0..4 {
+            for _ in 0..n {
+                let slot = self.hand % n;
+                self.hand = (slot + 1) % n;
+                let b = &self.slots[slot];
+                if b.is_free() || (pass < 2 && b.children > 0) {
+                    continue;
+                }
+                if b.flags.load(Relaxed) & REFERENCED != 0 {
+                    b.flags.fetch_and(!REFERENCED, Relaxed);
+                    continue;
+                }
+                return Some(slot as u32);
+            }
+        }
+        // Every block was referenced four times over: take the one under the hand.
+        (0..n)
+            .map(|i| (self.hand + i) % n)
+            .find(|&s| !self.slots[s].is_free())
+            .map(|s| s as u32)
+    }
+
+    /// Slots in use, for walks over the whole context.
+    pub fn used_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !b.is_free())
+            .map(|(i, _)| i as u32)
+    }
+
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+}
