@@ -1,9 +1,64 @@
 //! One (model, LoRA) context: a slab of 32-byte blocks, an open-addressing index of slots
 //! keyed by router hash, the extra holders of shared blocks, and a CLOCK hand for eviction.
 
+use crate::hash::mix;
 use crate::tier::TierMask;
 use hashbrown::HashTable;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+/// Blocks per slab chunk: a context grows by 128 KiB at a time, never by doubling.
+const CHUNK_BITS: u32 = 12;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+/// Blocks in fixed-size chunks: growing never copies or doubles, so at most one chunk is
+/// spare, and a slot's address is stable.
+#[derive(Debug, Default)]
+pub(crate) struct Slab {
+    chunks: Vec<Vec<Block>>,
+    len: usize,
+}
+
+impl Slab {
+    /// Slots ever allocated (free or not).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn get(&self, slot: usize) -> Option<&Block> {
+        self.chunks.get(slot >> CHUNK_BITS)?.get(slot & (CHUNK - 1))
+    }
+
+    pub fn push(&mut self, b: Block) {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK => c.push(b),
+            _ => {
+                let mut c = Vec::with_capacity(CHUNK);
+                c.push(b);
+                self.chunks.push(c);
+            }
+        }
+        self.len += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Block> {
+        self.chunks.iter().flatten()
+    }
+}
+
+impl std::ops::Index<usize> for Slab {
+    type Output = Block;
+    #[inline]
+    fn index(&self, slot: usize) -> &Block {
+        &self.chunks[slot >> CHUNK_BITS][slot & (CHUNK - 1)]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slab {
+    #[inline]
+    fn index_mut(&mut self, slot: usize) -> &mut Block {
+        &mut self.chunks[slot >> CHUNK_BITS][slot & (CHUNK - 1)]
+    }
+}
 
 /// "No slot" / "no worker" / "no overflow list".
 pub(crate) const NIL: u32 = u32::MAX;
@@ -59,10 +114,11 @@ pub(crate) struct Context {
     pub lora: Option<String>,
     pub root: u64,
     pub block_size: Option<u32>,
-    pub slots: Vec<Block>,
+    pub slots: Slab,
     free: Vec<u32>,
-    /// Slots by router hash.
-    index: HashTable<u32>,
+    /// Slots by router hash: (slot, low 32 bits of the hash), hashed from those bits so the
+    /// table grows without reading the slab.
+    index: HashTable<(u32, u32)>,
     /// Further holders of shared blocks, by `Block::more`.
     pub more: Vec<Vec<Holder>>,
     more_free: Vec<u32>,
@@ -70,10 +126,10 @@ pub(crate) struct Context {
     pub last_used: std::sync::atomic::AtomicU64,
 }
 
-/// Router hashes are xxh3 output: uniformly distributed, usable as their own hash.
+/// The table hash of a router hash, from its low 32 bits (all an entry keeps).
 #[inline]
 fn h(key: u64) -> u64 {
-    key
+    mix(u64::from(key as u32))
 }
 
 impl Context {
@@ -83,7 +139,7 @@ impl Context {
             lora,
             root,
             block_size: None,
-            slots: Vec::new(),
+            slots: Slab::default(),
             free: Vec::new(),
             index: HashTable::new(),
             more: Vec::new(),
@@ -101,9 +157,10 @@ impl Context {
     #[inline]
     pub fn find(&self, key: u64) -> Option<u32> {
         let slots = &self.slots;
+        let lo = key as u32;
         self.index
-            .find(h(key), |&s| slots[s as usize].key == key)
-            .copied()
+            .find(h(key), |&(s, l)| l == lo && slots[s as usize].key == key)
+            .map(|&(s, _)| s)
     }
 
     /// `slot + 1` when it holds the block keyed `key` (a cheap guess before `find`).
@@ -138,9 +195,8 @@ impl Context {
                 (self.slots.len() - 1) as u32
             }
         };
-        let slots = &self.slots;
         self.index
-            .insert_unique(h(key), slot, |&s| h(slots[s as usize].key));
+            .insert_unique(h(key), (slot, key as u32), |&(_, lo)| h(u64::from(lo)));
         if parent != NIL {
             let p = &mut self.slots[parent as usize];
             p.children = p.children.saturating_add(1);
@@ -164,6 +220,27 @@ impl Context {
         std::iter::once(first).chain(rest.iter().copied())
     }
 
+    /// Whether two blocks have the same holders on the same tiers, in the same order (the
+    /// common case along a shared prefix, which lets a lookup skip per-worker checks).
+    #[inline]
+    pub fn same_holders(&self, a: u32, b: u32) -> bool {
+        let (x, y) = (&self.slots[a as usize], &self.slots[b as usize]);
+        if x.worker != y.worker || x.tiers != y.tiers {
+            return false;
+        }
+        match (x.more, y.more) {
+            (NIL, NIL) => true,
+            (NIL, _) | (_, NIL) => false,
+            (m, n) => {
+                let (l, r) = (&self.more[m as usize], &self.more[n as usize]);
+                l.len() == r.len()
+                    && l.iter()
+                        .zip(r)
+                        .all(|(p, q)| p.worker == q.worker && p.tiers == q.tiers)
+            }
+        }
+    }
+
     /// The tiers on which `worker` holds `slot`, if it does.
     #[inline]
     pub fn tiers_of(&self, slot: u32, worker: u32) -> Option<TierMask> {
@@ -178,13 +255,6 @@ impl Context {
             .iter()
             .find(|x| x.worker == worker)
             .map(|x| x.tiers)
-    }
-
-    /// The engine hash under which `worker` holds `slot`.
-    pub fn engine_of(&self, slot: u32, worker: u32) -> Option<u64> {
-        self.holders(slot)
-            .find(|x| x.worker == worker)
-            .map(|x| x.engine)
     }
 
     /// Whether `worker` holds `slot` under engine hash `engine`.
@@ -287,7 +357,7 @@ impl Context {
         if more != NIL {
             self.release_more(slot);
         }
-        if let Ok(e) = self.index.find_entry(h(key), |&s| s == slot) {
+        if let Ok(e) = self.index.find_entry(h(key), |&(s, _)| s == slot) {
             e.remove();
         }
         if parent != NIL {

@@ -31,11 +31,31 @@ fn unpack(v: u64) -> (u32, u32) {
     ((v >> 32) as u32, v as u32)
 }
 
+/// One engine-table entry: the low 32 bits of the engine hash (all the table hashes, so it
+/// grows without reading blocks), the context and the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EngineSlot {
+    lo: u32,
+    ctx: u32,
+    slot: u32,
+}
+
+impl EngineSlot {
+    fn packed(self) -> u64 {
+        pack(self.ctx, self.slot)
+    }
+}
+
+#[inline]
+fn ehash(ekey: u64) -> u64 {
+    mix(u64::from(ekey as u32))
+}
+
 #[derive(Debug)]
 struct Worker {
     id: WorkerId,
-    /// Engine hash → packed (context, slot); the key is checked against the block's holder.
-    engine: HashTable<u64>,
+    /// Engine hash → (context, slot); the full key is checked against the block's holder.
+    engine: HashTable<EngineSlot>,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +69,8 @@ struct State {
     bytes: usize,
     stats: Stats,
     hasher: ChainHasher,
+    /// Router hashes of the run being stored (reused between events).
+    scratch: Vec<u64>,
 }
 
 /// The sync prefix hash index. Cheap to share: wrap it in an `Arc`.
@@ -136,44 +158,66 @@ impl Index {
         let mut done = Vec::new();
         let mut prev = ctx.root;
         let mut slot = NIL;
-        for (i, chunk) in tokens.chunks_exact(bs as usize).enumerate() {
-            prev = hasher.next(self.cfg.seed, prev, chunk);
-            // Blocks of one stored run sit in consecutive slots: try the next slot first.
-            slot = match ctx.next_slot_if(slot, prev) {
-                Some(s) => s,
-                None => match ctx.find(prev) {
+        let mut blocks = tokens.chunks_exact(bs as usize);
+        // Slots are resolved a window ahead (the window doubles up to 64): the probes of one
+        // window are independent, so their cache misses overlap; a miss costs one small window.
+        let mut window = 4;
+        let mut ahead: Vec<u32> = Vec::with_capacity(64);
+        let mut i = 0usize;
+        'walk: loop {
+            ahead.clear();
+            for chunk in blocks.by_ref().take(window) {
+                prev = hasher.next(self.cfg.seed, prev, chunk);
+                // Blocks of one stored run sit in consecutive slots: try the next slot first.
+                slot = match ctx.next_slot_if(slot, prev).or_else(|| ctx.find(prev)) {
                     Some(s) => s,
-                    None => break,
-                },
-            };
-            ctx.slots[slot as usize].touch();
-            if i == 0 {
-                cands.extend(
-                    ctx.holders(slot)
-                        .map(|h| (h.worker, h.tiers, 0, [0; Tier::COUNT])),
-                );
-            } else {
-                // Workers that do not hold this block keep the count they reached.
-                let mut j = 0;
-                while j < cands.len() {
-                    match ctx.tiers_of(slot, cands[j].0) {
-                        Some(t) => {
-                            cands[j].1 = cands[j].1.intersect(t);
-                            j += 1;
+                    None => {
+                        slot = NIL;
+                        break;
+                    }
+                };
+                ahead.push(slot);
+            }
+            let full_window = ahead.len() == window && slot != NIL;
+            let mut last = NIL;
+            for &slot in &ahead {
+                ctx.slots[slot as usize].touch();
+                if last != NIL && ctx.same_holders(last, slot) {
+                    // Same holders, same tiers as the block before: nobody drops out.
+                } else if i == 0 {
+                    cands.extend(
+                        ctx.holders(slot)
+                            .map(|h| (h.worker, h.tiers, 0, [0; Tier::COUNT])),
+                    );
+                } else {
+                    // Workers that do not hold this block keep the count they reached.
+                    let mut j = 0;
+                    while j < cands.len() {
+                        match ctx.tiers_of(slot, cands[j].0) {
+                            Some(t) => {
+                                cands[j].1 = cands[j].1.intersect(t);
+                                j += 1;
+                            }
+                            None => done.push(cands.swap_remove(j)),
                         }
-                        None => done.push(cands.swap_remove(j)),
                     }
                 }
+                if cands.is_empty() {
+                    break 'walk;
+                }
+                for c in &mut cands {
+                    c.2 += 1;
+                    for t in c.1.iter() {
+                        c.3[t as usize] += 1;
+                    }
+                }
+                i += 1;
+                last = slot;
             }
-            if cands.is_empty() {
+            if !full_window {
                 break;
             }
-            for c in &mut cands {
-                c.2 += 1;
-                for t in c.1.iter() {
-                    c.3[t as usize] += 1;
-                }
-            }
+            window = (window * 2).min(64);
         }
         done.append(&mut cands);
         let mut matches: Vec<Match> = done
@@ -238,25 +282,37 @@ fn tier_of(m: Option<&Medium>) -> Tier {
 
 /// Finds `worker`'s entry for engine hash `ekey`: the packed (context, slot).
 fn engine_find(contexts: &[Option<Context>], wk: &Worker, w: u32, ekey: u64) -> Option<u64> {
+    let lo = ekey as u32;
     wk.engine
-        .find(mix(ekey), |&v| {
-            let (c, s) = unpack(v);
-            contexts[c as usize]
-                .as_ref()
-                .is_some_and(|ctx| ctx.held_as(s, w, ekey))
+        .find(ehash(ekey), |e| {
+            e.lo == lo
+                && contexts[e.ctx as usize]
+                    .as_ref()
+                    .is_some_and(|ctx| ctx.held_as(e.slot, w, ekey))
         })
-        .copied()
+        .map(|e| e.packed())
 }
 
 /// Removes `worker`'s entry (context, slot) filed under `ekey`.
 fn engine_remove(wk: &mut Worker, ekey: u64, packed: u64) -> bool {
-    match wk.engine.find_entry(mix(ekey), |&v| v == packed) {
+    match wk.engine.find_entry(ehash(ekey), |e| e.packed() == packed) {
         Ok(e) => {
             e.remove();
             true
         }
         Err(_) => false,
     }
+}
+
+/// Files `worker`'s holding of (context, slot) under `ekey`.
+fn engine_insert(wk: &mut Worker, ekey: u64, ctx: u32, slot: u32) {
+    let e = EngineSlot {
+        lo: ekey as u32,
+        ctx,
+        slot,
+    };
+    wk.engine
+        .insert_unique(ehash(ekey), e, |e| ehash(u64::from(e.lo)));
 }
 
 impl State {
@@ -418,11 +474,38 @@ impl State {
                 }
             },
         };
+        // Warm the caches: hash the whole run (assuming no block is already held) and probe
+        // every block's engine entry and router entry up front. The probes are independent,
+        // so their cache misses overlap instead of being paid one after another below.
+        let mut chain = std::mem::take(&mut self.scratch);
+        chain.clear();
+        {
+            let wk = self.workers[w as usize].as_ref().expect("live");
+            let ctx = self.contexts[c as usize].as_ref().expect("live");
+            let mut key = prev_key;
+            let mut hits = 0usize;
+            for (h, tokens) in s
+                .block_hashes
+                .iter()
+                .zip(s.token_ids.chunks_exact(bs as usize))
+            {
+                let ekey = h.key64();
+                let lo = ekey as u32;
+                hits += usize::from(wk.engine.find(ehash(ekey), |e| e.lo == lo).is_some());
+                key = self.hasher.next(cfg.seed, key, tokens);
+                chain.push(key);
+                hits += usize::from(ctx.find(key).is_some());
+            }
+            std::hint::black_box(hits);
+        }
+        // Whether `chain[i]` is still the router hash of block i (no re-mapped block before).
+        let mut chain_intact = true;
         let mut out = Applied::default();
-        for (h, tokens) in s
+        for (i, (h, tokens)) in s
             .block_hashes
             .iter()
             .zip(s.token_ids.chunks_exact(bs as usize))
+            .enumerate()
         {
             let ekey = h.key64();
             let wk = self.workers[w as usize]
@@ -438,12 +521,17 @@ impl State {
                     out.refreshed += 1;
                     prev_slot = hs;
                     prev_key = ctx.slots[hs as usize].key;
+                    chain_intact &= prev_key == chain[i];
                     continue;
                 }
                 // The same engine hash in another context: release it there first.
                 self.release(w, ekey, hc, hs);
             }
-            let router = self.hasher.next(cfg.seed, prev_key, tokens);
+            let router = if chain_intact {
+                chain[i]
+            } else {
+                self.hasher.next(cfg.seed, prev_key, tokens)
+            };
             let holder = Holder {
                 worker: w,
                 tiers: TierMask::only(tier),
@@ -480,15 +568,14 @@ impl State {
                 }
             };
             let wk = self.workers[w as usize].as_mut().expect("live");
-            let contexts = &self.contexts;
-            wk.engine
-                .insert_unique(mix(ekey), pack(c, slot), |&v| rehash(contexts, w, v));
+            engine_insert(wk, ekey, c, slot);
             self.worker_blocks += 1;
             self.bytes += ENGINE_COST;
             out.stored += 1;
             prev_slot = slot;
             prev_key = router;
         }
+        self.scratch = chain;
         // Per-context block limit.
         while self.contexts[c as usize].as_ref().map_or(0, Context::len)
             > cfg.max_blocks_per_context
@@ -579,7 +666,7 @@ impl State {
         let Some(wk) = self.workers[w as usize].as_mut() else {
             return 0;
         };
-        let entries: Vec<u64> = wk.engine.drain().collect();
+        let entries: Vec<u64> = wk.engine.drain().map(EngineSlot::packed).collect();
         // Empty now: nothing is rehashed.
         wk.engine.shrink_to_fit(|_| 0);
         self.worker_blocks -= entries.len();
@@ -688,8 +775,8 @@ impl State {
         for (wi, wk) in self.workers.iter().enumerate() {
             let Some(wk) = wk else { continue };
             worker_blocks += wk.engine.len();
-            for &v in wk.engine.iter() {
-                let (c, s) = unpack(v);
+            for e in wk.engine.iter() {
+                let (c, s) = (e.ctx, e.slot);
                 let ctx = self.contexts[c as usize]
                     .as_ref()
                     .expect("entry's context is live");
@@ -703,14 +790,4 @@ impl State {
         assert_eq!(worker_blocks, self.worker_blocks, "worker block count");
         assert_eq!(holders_total, worker_blocks, "holders and engine entries");
     }
-}
-
-/// The hash of an engine-table entry when the table grows: the engine hash is read back from
-/// the block's holder (every entry has one; `check` asserts it).
-fn rehash(contexts: &[Option<Context>], w: u32, v: u64) -> u64 {
-    let (c, s) = unpack(v);
-    contexts[c as usize]
-        .as_ref()
-        .and_then(|ctx| ctx.engine_of(s, w))
-        .map_or(0, mix)
 }
