@@ -20,31 +20,43 @@ pub fn context_root(seed: u64, model: &str, lora: Option<&str>) -> u64 {
     h.finish()
 }
 
-/// Computes `h_i = xxh3_64(seed, h_{i-1} ‖ tokens of block i as u32 LE)` for one block.
+/// Computes the router's chain: `l_i = xxh3_64(seed, tokens of block i as u32 LE)`, then
+/// `h_i = xxh3_64(seed, h_{i-1} ‖ l_i)`. The token hashes do not depend on each other, so a
+/// walk over many blocks overlaps them; only the cheap 16-byte step is serial.
 #[derive(Debug, Default)]
 pub struct ChainHasher {
     buf: Vec<u8>,
 }
 
 impl ChainHasher {
+    /// The hash of one block's tokens (`l_i`).
     #[inline]
-    pub fn next(&mut self, seed: u64, prev: u64, tokens: &[u32]) -> u64 {
-        // Block sizes up to 64 tokens hash from the stack.
-        const STACK_TOKENS: usize = 64;
-        if tokens.len() <= STACK_TOKENS {
-            let mut buf = [0u8; 8 + 4 * STACK_TOKENS];
-            buf[..8].copy_from_slice(&prev.to_le_bytes());
-            for (dst, t) in buf[8..].chunks_exact_mut(4).zip(tokens) {
-                dst.copy_from_slice(&t.to_le_bytes());
-            }
-            return xxh3_64_with_seed(&buf[..8 + 4 * tokens.len()], seed);
+    pub fn tokens(&mut self, seed: u64, tokens: &[u32]) -> u64 {
+        if cfg!(target_endian = "little") {
+            // The tokens' memory is their little-endian bytes: hash it in place.
+            return xxh3_64_with_seed(bytemuck::cast_slice(tokens), seed);
         }
         self.buf.clear();
-        self.buf.extend_from_slice(&prev.to_le_bytes());
         for t in tokens {
             self.buf.extend_from_slice(&t.to_le_bytes());
         }
         xxh3_64_with_seed(&self.buf, seed)
+    }
+
+    /// One link of the chain: `h_i` from `h_{i-1}` and `l_i`.
+    #[inline]
+    pub fn link(seed: u64, prev: u64, local: u64) -> u64 {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&prev.to_le_bytes());
+        b[8..].copy_from_slice(&local.to_le_bytes());
+        xxh3_64_with_seed(&b, seed)
+    }
+
+    /// `h_i` from `h_{i-1}` and block i's tokens.
+    #[inline]
+    pub fn next(&mut self, seed: u64, prev: u64, tokens: &[u32]) -> u64 {
+        let local = self.tokens(seed, tokens);
+        Self::link(seed, prev, local)
     }
 
     /// The chain of every full block of `tokens`, appended to `out`.
@@ -93,17 +105,16 @@ mod tests {
         let mut c = Vec::new();
         h.chain(DEFAULT_SEED, root, 2, &[1, 2, 3, 4], &mut c);
         assert_eq!(c, a);
-        // The stack path (<= 64 tokens) and the heap path hash the same bytes.
+        // Whatever the platform, the bytes hashed are the tokens' little-endian bytes.
         let long: Vec<u32> = (0..65).collect();
-        let by_heap = h.next(DEFAULT_SEED, root, &long);
-        let mut bytes = root.to_le_bytes().to_vec();
-        for t in &long {
-            bytes.extend_from_slice(&t.to_le_bytes());
-        }
-        assert_eq!(by_heap, xxh3_64_with_seed(&bytes, DEFAULT_SEED));
-        assert_eq!(
-            h.next(DEFAULT_SEED, root, &long[..64]),
-            xxh3_64_with_seed(&bytes[..8 + 256], DEFAULT_SEED)
-        );
+        let bytes: Vec<u8> = long.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let by_def = |n: usize| {
+            let local = xxh3_64_with_seed(&bytes[..4 * n], DEFAULT_SEED);
+            let mut link = root.to_le_bytes().to_vec();
+            link.extend_from_slice(&local.to_le_bytes());
+            xxh3_64_with_seed(&link, DEFAULT_SEED)
+        };
+        assert_eq!(h.next(DEFAULT_SEED, root, &long), by_def(65));
+        assert_eq!(h.next(DEFAULT_SEED, root, &long[..64]), by_def(64));
     }
 }

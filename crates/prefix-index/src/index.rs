@@ -153,9 +153,12 @@ impl Index {
         ctx.last_used.store(tick, Relaxed);
         let num_blocks = (tokens.len() / bs as usize) as u32;
         let mut hasher = ChainHasher::default();
-        // Candidates: (worker, tiers held on every block so far, blocks, per-tier counts).
-        let mut cands: Vec<(u32, TierMask, u32, [u32; Tier::COUNT])> = Vec::new();
-        let mut done = Vec::new();
+        // Candidates: workers holding every block so far, with the tiers they hold all of them
+        // on. A count is written only when it stops growing (the block index where the worker
+        // or one of its tiers dropped out), so a block whose holders are those of the block
+        // before costs nothing per candidate.
+        let mut cands: Vec<Cand> = Vec::new();
+        let mut done: Vec<Cand> = Vec::new();
         let mut prev = ctx.root;
         let mut slot = NIL;
         let mut blocks = tokens.chunks_exact(bs as usize);
@@ -163,7 +166,8 @@ impl Index {
         // window are independent, so their cache misses overlap; a miss costs one small window.
         let mut window = 4;
         let mut ahead: Vec<u32> = Vec::with_capacity(64);
-        let mut i = 0usize;
+        let mut i = 0u32;
+        let mut last = NIL;
         'walk: loop {
             ahead.clear();
             for chunk in blocks.by_ref().take(window) {
@@ -179,36 +183,27 @@ impl Index {
                 ahead.push(slot);
             }
             let full_window = ahead.len() == window && slot != NIL;
-            let mut last = NIL;
             for &slot in &ahead {
                 ctx.slots[slot as usize].touch();
-                if last != NIL && ctx.same_holders(last, slot) {
-                    // Same holders, same tiers as the block before: nobody drops out.
-                } else if i == 0 {
-                    cands.extend(
-                        ctx.holders(slot)
-                            .map(|h| (h.worker, h.tiers, 0, [0; Tier::COUNT])),
-                    );
-                } else {
-                    // Workers that do not hold this block keep the count they reached.
+                if i == 0 {
+                    cands.extend(ctx.holders(slot).map(|h| Cand::new(h.worker, h.tiers)));
+                } else if !ctx.same_holders(last, slot) {
                     let mut j = 0;
                     while j < cands.len() {
-                        match ctx.tiers_of(slot, cands[j].0) {
+                        match ctx.tiers_of(slot, cands[j].worker) {
                             Some(t) => {
-                                cands[j].1 = cands[j].1.intersect(t);
+                                cands[j].narrow(t, i);
                                 j += 1;
                             }
-                            None => done.push(cands.swap_remove(j)),
+                            None => {
+                                let mut c = cands.swap_remove(j);
+                                c.end(i);
+                                done.push(c);
+                            }
                         }
                     }
-                }
-                if cands.is_empty() {
-                    break 'walk;
-                }
-                for c in &mut cands {
-                    c.2 += 1;
-                    for t in c.1.iter() {
-                        c.3[t as usize] += 1;
+                    if cands.is_empty() {
+                        break 'walk;
                     }
                 }
                 i += 1;
@@ -219,14 +214,17 @@ impl Index {
             }
             window = (window * 2).min(64);
         }
-        done.append(&mut cands);
+        for mut c in cands {
+            c.end(i);
+            done.push(c);
+        }
         let mut matches: Vec<Match> = done
             .into_iter()
-            .filter_map(|(w, _, blocks, per_tier)| {
-                st.workers[w as usize].as_ref().map(|wk| Match {
+            .filter_map(|c| {
+                st.workers[c.worker as usize].as_ref().map(|wk| Match {
                     worker: wk.id.clone(),
-                    blocks,
-                    per_tier,
+                    blocks: c.blocks,
+                    per_tier: c.per_tier,
                 })
             })
             .collect();
@@ -266,6 +264,49 @@ impl Index {
     /// For tests: it walks the whole index.
     pub fn check_invariants(&self) {
         self.state.read().check();
+    }
+}
+
+/// A worker still matching during a lookup.
+#[derive(Debug)]
+struct Cand {
+    worker: u32,
+    /// Tiers it holds every block so far on.
+    alive: TierMask,
+    /// Leading blocks held, once it dropped out (or the walk ended).
+    blocks: u32,
+    /// Leading blocks held per tier, once that tier dropped out.
+    per_tier: [u32; Tier::COUNT],
+}
+
+impl Cand {
+    fn new(worker: u32, tiers: TierMask) -> Self {
+        Cand {
+            worker,
+            alive: tiers,
+            blocks: 0,
+            per_tier: [0; Tier::COUNT],
+        }
+    }
+
+    /// Block `i` is held on `tiers`: tiers not among them stop at `i`.
+    #[inline]
+    fn narrow(&mut self, tiers: TierMask, i: u32) {
+        let next = self.alive.intersect(tiers);
+        if next != self.alive {
+            for t in self.alive.iter().filter(|t| !next.contains(*t)) {
+                self.per_tier[t as usize] = i;
+            }
+            self.alive = next;
+        }
+    }
+
+    /// The walk stops for this worker before block `i`.
+    fn end(&mut self, i: u32) {
+        self.blocks = i;
+        for t in self.alive.iter() {
+            self.per_tier[t as usize] = i;
+        }
     }
 }
 
