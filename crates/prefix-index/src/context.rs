@@ -1,9 +1,8 @@
 //! One (model, LoRA) context: a slab of 32-byte blocks, an open-addressing index of slots
 //! keyed by router hash, the extra holders of shared blocks, and a CLOCK hand for eviction.
 
-use crate::hash::mix;
+use crate::table::SlotTable;
 use crate::tier::TierMask;
-use hashbrown::HashTable;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
 /// Blocks per slab chunk: a context grows by 128 KiB at a time, never by doubling.
@@ -116,20 +115,13 @@ pub(crate) struct Context {
     pub block_size: Option<u32>,
     pub slots: Slab,
     free: Vec<u32>,
-    /// Slots by router hash: (slot, low 32 bits of the hash), hashed from those bits so the
-    /// table grows without reading the slab.
-    index: HashTable<(u32, u32)>,
+    /// Slots by router hash (fingerprint: its low 32 bits).
+    index: SlotTable,
     /// Further holders of shared blocks, by `Block::more`.
     pub more: Vec<Vec<Holder>>,
     more_free: Vec<u32>,
     hand: usize,
     pub last_used: std::sync::atomic::AtomicU64,
-}
-
-/// The table hash of a router hash, from its low 32 bits (all an entry keeps).
-#[inline]
-fn h(key: u64) -> u64 {
-    mix(u64::from(key as u32))
 }
 
 impl Context {
@@ -141,7 +133,7 @@ impl Context {
             block_size: None,
             slots: Slab::default(),
             free: Vec::new(),
-            index: HashTable::new(),
+            index: SlotTable::default(),
             more: Vec::new(),
             more_free: Vec::new(),
             hand: 0,
@@ -157,10 +149,14 @@ impl Context {
     #[inline]
     pub fn find(&self, key: u64) -> Option<u32> {
         let slots = &self.slots;
-        let lo = key as u32;
         self.index
-            .find(h(key), |&(s, l)| l == lo && slots[s as usize].key == key)
-            .map(|&(s, _)| s)
+            .find(key as u32, |s| slots[s as usize].key == key)
+    }
+
+    /// Touches the index where `key` would be (see `SlotTable::warm`).
+    #[inline]
+    pub fn warm(&self, key: u64) -> bool {
+        self.index.warm(key as u32)
     }
 
     /// `slot + 1` when it holds the block keyed `key` (a cheap guess before `find`).
@@ -195,8 +191,7 @@ impl Context {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.index
-            .insert_unique(h(key), (slot, key as u32), |&(_, lo)| h(u64::from(lo)));
+        self.index.insert(key as u32, slot);
         if parent != NIL {
             let p = &mut self.slots[parent as usize];
             p.children = p.children.saturating_add(1);
@@ -357,9 +352,7 @@ impl Context {
         if more != NIL {
             self.release_more(slot);
         }
-        if let Ok(e) = self.index.find_entry(h(key), |&(s, _)| s == slot) {
-            e.remove();
-        }
+        self.index.remove(key as u32, slot);
         if parent != NIL {
             let p = &mut self.slots[parent as usize];
             p.children = p.children.saturating_sub(1);

@@ -5,19 +5,20 @@
 //! event and a worker's events are applied in the order they are given.
 
 use crate::context::{Context, Holder, NIL};
-use crate::hash::{context_root, mix, ChainHasher};
+use crate::hash::{context_root, ChainHasher};
+use crate::table::SlotTable;
 use crate::tier::{Tier, TierMask};
 use crate::types::{Applied, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId};
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashMap;
 use kv_events::{BlockRemoved, BlockStored, Event, Medium};
 use parking_lot::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Accounting costs, in bytes: a slab block and its index bucket; a further holder; an
-/// engine-table entry (8 bytes and a control byte at 7/8 load); a context; a worker.
-pub(crate) const BLOCK_COST: usize = 32 + 6;
+/// Accounting costs, in bytes: a slab block and its index entry; a further holder; an
+/// engine-table entry (8 bytes at about 3/4 load); a context; a worker.
+pub(crate) const BLOCK_COST: usize = 32 + 10;
 pub(crate) const HOLDER_COST: usize = 16;
-pub(crate) const ENGINE_COST: usize = 11;
+pub(crate) const ENGINE_COST: usize = 10;
 const CONTEXT_COST: usize = 512;
 const WORKER_COST: usize = 256;
 
@@ -31,31 +32,12 @@ fn unpack(v: u64) -> (u32, u32) {
     ((v >> 32) as u32, v as u32)
 }
 
-/// One engine-table entry: the low 32 bits of the engine hash (all the table hashes, so it
-/// grows without reading blocks), the context and the slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct EngineSlot {
-    lo: u32,
-    ctx: u32,
-    slot: u32,
-}
-
-impl EngineSlot {
-    fn packed(self) -> u64 {
-        pack(self.ctx, self.slot)
-    }
-}
-
-#[inline]
-fn ehash(ekey: u64) -> u64 {
-    mix(u64::from(ekey as u32))
-}
-
 #[derive(Debug)]
 struct Worker {
     id: WorkerId,
-    /// Engine hash → (context, slot); the full key is checked against the block's holder.
-    engine: HashTable<EngineSlot>,
+    /// Per context it stores into: engine hash → slot (fingerprint: the hash's low 32 bits;
+    /// the full key is checked against the block's holder). Usually one or two contexts.
+    engine: Vec<(u32, SlotTable)>,
 }
 
 #[derive(Debug, Default)]
@@ -321,39 +303,44 @@ fn tier_of(m: Option<&Medium>) -> Tier {
     m.map_or(Tier::Gpu, Tier::of)
 }
 
+impl Worker {
+    fn table(&self, c: u32) -> Option<&SlotTable> {
+        self.engine.iter().find(|(x, _)| *x == c).map(|(_, t)| t)
+    }
+
+    fn engine_len(&self) -> usize {
+        self.engine.iter().map(|(_, t)| t.len()).sum()
+    }
+}
+
 /// Finds `worker`'s entry for engine hash `ekey`: the packed (context, slot).
 fn engine_find(contexts: &[Option<Context>], wk: &Worker, w: u32, ekey: u64) -> Option<u64> {
-    let lo = ekey as u32;
-    wk.engine
-        .find(ehash(ekey), |e| {
-            e.lo == lo
-                && contexts[e.ctx as usize]
-                    .as_ref()
-                    .is_some_and(|ctx| ctx.held_as(e.slot, w, ekey))
-        })
-        .map(|e| e.packed())
+    wk.engine.iter().find_map(|(c, t)| {
+        let ctx = contexts[*c as usize].as_ref()?;
+        t.find(ekey as u32, |s| ctx.held_as(s, w, ekey))
+            .map(|s| pack(*c, s))
+    })
 }
 
 /// Removes `worker`'s entry (context, slot) filed under `ekey`.
 fn engine_remove(wk: &mut Worker, ekey: u64, packed: u64) -> bool {
-    match wk.engine.find_entry(ehash(ekey), |e| e.packed() == packed) {
-        Ok(e) => {
-            e.remove();
-            true
-        }
-        Err(_) => false,
-    }
+    let (c, s) = unpack(packed);
+    wk.engine
+        .iter_mut()
+        .find(|(x, _)| *x == c)
+        .is_some_and(|(_, t)| t.remove(ekey as u32, s))
 }
 
 /// Files `worker`'s holding of (context, slot) under `ekey`.
-fn engine_insert(wk: &mut Worker, ekey: u64, ctx: u32, slot: u32) {
-    let e = EngineSlot {
-        lo: ekey as u32,
-        ctx,
-        slot,
+fn engine_insert(wk: &mut Worker, ekey: u64, c: u32, slot: u32) {
+    let i = match wk.engine.iter().position(|(x, _)| *x == c) {
+        Some(i) => i,
+        None => {
+            wk.engine.push((c, SlotTable::default()));
+            wk.engine.len() - 1
+        }
     };
-    wk.engine
-        .insert_unique(ehash(ekey), e, |e| ehash(u64::from(e.lo)));
+    wk.engine[i].1.insert(ekey as u32, slot);
 }
 
 impl State {
@@ -373,7 +360,7 @@ impl State {
         }
         let wk = Worker {
             id: id.clone(),
-            engine: HashTable::new(),
+            engine: Vec::new(),
         };
         let idx = match self.workers.iter().position(Option::is_none) {
             Some(i) => {
@@ -525,17 +512,16 @@ impl State {
             let ctx = self.contexts[c as usize].as_ref().expect("live");
             let mut key = prev_key;
             let mut hits = 0usize;
+            let table = wk.table(c);
             for (h, tokens) in s
                 .block_hashes
                 .iter()
                 .zip(s.token_ids.chunks_exact(bs as usize))
             {
-                let ekey = h.key64();
-                let lo = ekey as u32;
-                hits += usize::from(wk.engine.find(ehash(ekey), |e| e.lo == lo).is_some());
+                hits += usize::from(table.is_some_and(|t| t.warm(h.key64() as u32)));
                 key = self.hasher.next(cfg.seed, key, tokens);
                 chain.push(key);
-                hits += usize::from(ctx.find(key).is_some());
+                hits += usize::from(ctx.warm(key));
             }
             std::hint::black_box(hits);
         }
@@ -707,9 +693,11 @@ impl State {
         let Some(wk) = self.workers[w as usize].as_mut() else {
             return 0;
         };
-        let entries: Vec<u64> = wk.engine.drain().map(EngineSlot::packed).collect();
-        // Empty now: nothing is rehashed.
-        wk.engine.shrink_to_fit(|_| 0);
+        let entries: Vec<u64> = wk
+            .engine
+            .drain(..)
+            .flat_map(|(c, t)| t.iter().map(move |(_, s)| pack(c, s)).collect::<Vec<_>>())
+            .collect();
         self.worker_blocks -= entries.len();
         self.bytes -= entries.len() * ENGINE_COST;
         for v in &entries {
@@ -736,6 +724,9 @@ impl State {
             }
             self.bytes -= BLOCK_COST + (n - 1) * HOLDER_COST;
             self.blocks -= 1;
+        }
+        for wk in self.workers.iter_mut().flatten() {
+            wk.engine.retain(|(x, _)| *x != c);
         }
         self.context_ids.remove(&(ctx.model, ctx.lora));
         self.bytes -= CONTEXT_COST;
@@ -815,9 +806,12 @@ impl State {
         let mut worker_blocks = 0;
         for (wi, wk) in self.workers.iter().enumerate() {
             let Some(wk) = wk else { continue };
-            worker_blocks += wk.engine.len();
-            for e in wk.engine.iter() {
-                let (c, s) = (e.ctx, e.slot);
+            worker_blocks += wk.engine_len();
+            for (c, s) in wk
+                .engine
+                .iter()
+                .flat_map(|(c, t)| t.iter().map(move |(_, s)| (*c, s)))
+            {
                 let ctx = self.contexts[c as usize]
                     .as_ref()
                     .expect("entry's context is live");

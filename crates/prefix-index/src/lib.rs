@@ -14,6 +14,7 @@
 mod context;
 mod hash;
 mod index;
+mod table;
 mod tier;
 mod types;
 

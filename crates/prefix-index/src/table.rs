@@ -1,0 +1,203 @@
+//! `SlotTable`: an open-addressing table of slots keyed by a 32-bit fingerprint, with linear
+//! probing in one array of 8-byte entries, so a probe and the insert after it touch one cache
+//! line (a general-purpose map keeps control bytes and entries apart: two misses).
+//!
+//! The table stores only `fingerprint << 32 | (slot + 1)`; 0 is an empty entry. The caller
+//! resolves fingerprint collisions with `eq`, which sees the slot and checks the full key
+//! where it lives (the block). Deletion shifts entries back, so there are no tombstones.
+
+use crate::hash::mix;
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SlotTable {
+    entries: Vec<u64>,
+    len: usize,
+}
+
+/// Load limit: 7/8 (probe sequences stay within a cache line or two at this load).
+const MAX_LOAD_NUM: usize = 7;
+const MAX_LOAD_DEN: usize = 8;
+const MIN_CAPACITY: usize = 8;
+
+#[inline]
+fn entry(fp: u32, slot: u32) -> u64 {
+    (u64::from(fp) << 32) | u64::from(slot.wrapping_add(1))
+}
+
+#[inline]
+fn fp_of(e: u64) -> u32 {
+    (e >> 32) as u32
+}
+
+#[inline]
+fn slot_of(e: u64) -> u32 {
+    (e as u32).wrapping_sub(1)
+}
+
+impl SlotTable {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.entries.len() - 1
+    }
+
+    #[inline]
+    fn home(&self, fp: u32) -> usize {
+        mix(u64::from(fp)) as usize & self.mask()
+    }
+
+    /// The slot whose fingerprint is `fp` and for which `eq` holds.
+    #[inline]
+    pub fn find(&self, fp: u32, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
+        if self.len == 0 {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = self.home(fp);
+        loop {
+            let e = self.entries[i];
+            if e == 0 {
+                return None;
+            }
+            if fp_of(e) == fp && eq(slot_of(e)) {
+                return Some(slot_of(e));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Touches the cache line where `fp` would be found or inserted; returns whether the
+    /// first entry there is taken (a value to feed to `black_box`, so the load stays).
+    #[inline]
+    pub fn warm(&self, fp: u32) -> bool {
+        !self.entries.is_empty() && self.entries[self.home(fp)] != 0
+    }
+
+    /// Inserts (fp, slot); the pair must not be present.
+    pub fn insert(&mut self, fp: u32, slot: u32) {
+        if (self.len + 1) * MAX_LOAD_DEN > self.entries.len() * MAX_LOAD_NUM {
+            self.grow();
+        }
+        self.place(entry(fp, slot));
+        self.len += 1;
+    }
+
+    fn place(&mut self, e: u64) {
+        let mask = self.mask();
+        let mut i = self.home(fp_of(e));
+        while self.entries[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.entries[i] = e;
+    }
+
+    fn grow(&mut self) {
+        let cap = (self.entries.len() * 2).max(MIN_CAPACITY);
+        let old = std::mem::replace(&mut self.entries, vec![0; cap]);
+        for e in old.into_iter().filter(|&e| e != 0) {
+            self.place(e);
+        }
+    }
+
+    /// Removes (fp, slot); returns whether it was present.
+    pub fn remove(&mut self, fp: u32, slot: u32) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        let target = entry(fp, slot);
+        let mask = self.mask();
+        let mut i = self.home(fp);
+        loop {
+            let e = self.entries[i];
+            if e == 0 {
+                return false;
+            }
+            if e == target {
+                break;
+            }
+            i = (i + 1) & mask;
+        }
+        // Backward-shift deletion: pull later entries of the run into the hole when their
+        // home does not lie cyclically in (hole, their position].
+        let mut hole = i;
+        let mut j = (i + 1) & mask;
+        loop {
+            let e = self.entries[j];
+            if e == 0 {
+                break;
+            }
+            let home = self.home(fp_of(e));
+            let between = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if !between {
+                self.entries[hole] = e;
+                hole = j;
+            }
+            j = (j + 1) & mask;
+        }
+        self.entries[hole] = 0;
+        self.len -= 1;
+        true
+    }
+
+    /// Every (fingerprint, slot).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.entries
+            .iter()
+            .filter(|&&e| e != 0)
+            .map(|&e| (fp_of(e), slot_of(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    proptest! {
+        /// Against a set of (fp, slot): inserts and removals with few fingerprints (so runs
+        /// collide and wrap around), and every lookup agrees.
+        #[test]
+        fn agrees_with_a_set(ops in proptest::collection::vec((any::<bool>(), 0u32..6, 0u32..40), 1..400)) {
+            let mut t = SlotTable::default();
+            let mut model = BTreeSet::new();
+            for (insert, fp, slot) in ops {
+                if insert {
+                    if model.insert((fp, slot)) {
+                        t.insert(fp, slot);
+                    }
+                } else {
+                    prop_assert_eq!(t.remove(fp, slot), model.remove(&(fp, slot)));
+                }
+                prop_assert_eq!(t.len(), model.len());
+                for f in 0..6 {
+                    for s in 0..40 {
+                        let found = t.find(f, |x| x == s);
+                        prop_assert_eq!(found.is_some(), model.contains(&(f, s)));
+                    }
+                }
+            }
+            let all: BTreeSet<(u32, u32)> = t.iter().collect();
+            prop_assert_eq!(all, model);
+        }
+    }
+
+    #[test]
+    fn slot_zero_and_max_fingerprint_are_entries_not_holes() {
+        let mut t = SlotTable::default();
+        t.insert(u32::MAX, 0);
+        t.insert(0, 0);
+        assert_eq!(t.find(u32::MAX, |s| s == 0), Some(0));
+        assert_eq!(t.find(0, |s| s == 0), Some(0));
+        assert!(t.remove(0, 0));
+        assert_eq!(t.find(0, |_| true), None);
+        assert_eq!(t.len(), 1);
+    }
+}
