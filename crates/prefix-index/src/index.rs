@@ -511,17 +511,19 @@ impl State {
             let wk = self.workers[w as usize].as_ref().expect("live");
             let ctx = self.contexts[c as usize].as_ref().expect("live");
             let mut key = prev_key;
-            let mut hits = 0usize;
-            let table = wk.table(c);
-            for (h, tokens) in s
-                .block_hashes
-                .iter()
-                .zip(s.token_ids.chunks_exact(bs as usize))
-            {
-                hits += usize::from(table.is_some_and(|t| t.warm(h.key64() as u32)));
+            for tokens in s.token_ids.chunks_exact(bs as usize) {
                 key = self.hasher.next(cfg.seed, key, tokens);
                 chain.push(key);
-                hits += usize::from(ctx.warm(key));
+            }
+            // Tight loops of independent loads: many cache misses in flight at once.
+            let mut hits = 0usize;
+            if let Some(t) = wk.table(c) {
+                for h in &s.block_hashes {
+                    hits += usize::from(t.warm(h.key64() as u32));
+                }
+            }
+            for &k in &chain {
+                hits += usize::from(ctx.warm(k));
             }
             std::hint::black_box(hits);
         }
@@ -664,6 +666,19 @@ impl State {
     fn remove(&mut self, w: u32, r: &BlockRemoved) -> Applied {
         let tier = tier_of(r.medium.as_ref());
         let mut out = Applied::default();
+        if r.block_hashes.len() > 1 {
+            // Warm every block's engine entry first: independent loads, misses overlap.
+            let wk = self.workers[w as usize]
+                .as_ref()
+                .expect("worker id is live");
+            let mut hits = 0usize;
+            for (_, t) in &wk.engine {
+                for h in &r.block_hashes {
+                    hits += usize::from(t.warm(h.key64() as u32));
+                }
+            }
+            std::hint::black_box(hits);
+        }
         for h in &r.block_hashes {
             let ekey = h.key64();
             let wk = self.workers[w as usize]
