@@ -60,3 +60,53 @@ pub fn event_lines(seq: u64, batch: &EventBatch) -> Vec<Value> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_events::{BlockRemoved, BlockStored, ByteHash};
+
+    #[test]
+    fn int_hashes_are_integers_byte_hashes_hex_and_absent_fields_null() {
+        let batch = EventBatch {
+            ts: 1.5,
+            events: vec![
+                Event::BlockStored(BlockStored {
+                    block_hashes: vec![BlockHash::Uint(u64::MAX), BlockHash::Int(-3)],
+                    parent_block_hash: Some(BlockHash::Bytes(
+                        ByteHash::new(&[0xab, 0x01]).expect("short"),
+                    )),
+                    token_ids: vec![1, 2],
+                    block_size: 1,
+                    ..Default::default()
+                }),
+                Event::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![BlockHash::Uint(7)],
+                    medium: Some(Medium::Cpu),
+                    ..Default::default()
+                }),
+                Event::AllBlocksCleared,
+            ],
+            data_parallel_rank: None,
+        };
+        let lines = event_lines(9, &batch);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0]["block_hashes"], json!([u64::MAX, -3]));
+        assert_eq!(lines[0]["parent_block_hash"], json!("0xab01"));
+        assert_eq!(lines[0]["medium"], Value::Null);
+        assert_eq!(lines[0]["dp_rank"], Value::Null);
+        assert_eq!(lines[1]["medium"], json!("CPU"));
+        assert_eq!(lines[1]["token_ids"], Value::Null);
+        assert_eq!(lines[2]["type"], json!("AllBlocksCleared"));
+        assert!(lines
+            .iter()
+            .all(|l| l["seq"] == json!(9) && l["ts"] == json!(1.5)));
+        let keys: Vec<&str> = lines[2]
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), 12, "every field present: {keys:?}");
+    }
+}
