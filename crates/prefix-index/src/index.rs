@@ -292,6 +292,20 @@ impl Cand {
     }
 }
 
+/// Puts `x` in the first free place of `v` (or a new one); returns its index.
+fn put<T>(v: &mut Vec<Option<T>>, x: T) -> u32 {
+    match v.iter().position(Option::is_none) {
+        Some(i) => {
+            v[i] = Some(x);
+            i as u32
+        }
+        None => {
+            v.push(Some(x));
+            (v.len() - 1) as u32
+        }
+    }
+}
+
 fn rejected(r: Rejection) -> Applied {
     Applied {
         rejected: Some(r),
@@ -362,16 +376,7 @@ impl State {
             id: id.clone(),
             engine: Vec::new(),
         };
-        let idx = match self.workers.iter().position(Option::is_none) {
-            Some(i) => {
-                self.workers[i] = Some(wk);
-                i
-            }
-            None => {
-                self.workers.push(Some(wk));
-                self.workers.len() - 1
-            }
-        } as u32;
+        let idx = put(&mut self.workers, wk);
         self.worker_ids.insert(id.clone(), idx);
         self.bytes += WORKER_COST;
         Some(idx)
@@ -405,16 +410,7 @@ impl State {
             context_root(cfg.seed, model, lora),
             tick,
         );
-        let idx = match self.contexts.iter().position(Option::is_none) {
-            Some(i) => {
-                self.contexts[i] = Some(ctx);
-                i
-            }
-            None => {
-                self.contexts.push(Some(ctx));
-                self.contexts.len() - 1
-            }
-        } as u32;
+        let idx = put(&mut self.contexts, ctx);
         self.context_ids.insert(key, idx);
         self.bytes += CONTEXT_COST;
         Some(idx)
