@@ -673,6 +673,14 @@ impl State {
                     hits += usize::from(t.warm(h.key64() as u32));
                 }
             }
+            // Then the router-index entries those blocks will be removed from.
+            for h in &r.block_hashes {
+                if let Some((c, slot)) = engine_find(&self.contexts, wk, w, h.key64()).map(unpack) {
+                    if let Some(ctx) = self.contexts[c as usize].as_ref() {
+                        hits += usize::from(ctx.warm(ctx.slots[slot as usize].key));
+                    }
+                }
+            }
             std::hint::black_box(hits);
         }
         for h in &r.block_hashes {
