@@ -18,9 +18,11 @@ mod decode;
 mod encode;
 pub mod frames;
 pub mod msgpack;
+mod sequencer;
 mod types;
 
 pub use decode::{decode, DecodeError, DecodeErrorKind};
 pub use encode::{encode, encode_into, Shape, WireFormat};
 pub use frames::{parse_live, parse_replay, FrameError, LiveMessage, ReplayMessage};
+pub use sequencer::{Action, Delivery, Sequencer};
 pub use types::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, EventBatch, Medium};

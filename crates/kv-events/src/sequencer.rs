@@ -1,0 +1,586 @@
+//! The pure core of a subscriber: turns live and replayed messages of one publisher (one pod,
+//! one data-parallel rank) into deliveries that are in seq order, each batch once, with every
+//! loss said out loud. No sockets, no clocks: the shell feeds it frames and timeouts and carries
+//! out the one action it asks for (a replay request).
+//!
+//! ```text
+//!   live [topic, seq, payload] ──on_live──┐          ┌──▶ Delivery::Batch(seq, batch)  (in order, once)
+//!   replay [.., seq, payload]  ──on_replay┼─▶ Sequencer ─▶ Delivery::Gap { from, to, repaired }
+//!   replay end / timeout       ──────────┘          └──▶ Delivery::Restarted / Malformed
+//!                                                   └──▶ Action::RequestReplay(from)
+//! ```
+//!
+//! Rules (vLLM numbers batches from 0 at every engine start, +1 per batch, and keeps the last
+//! `buffer_steps` batches for replay):
+//! - seq == next: deliver. seq > next: a gap; with a replay socket, ask for `next..` and hold
+//!   live messages until the replay ends, then merge (dropping what the replay delivered).
+//! - seq < next: a duplicate if it lies in the range the last replay delivered and no fresh live
+//!   message came since, otherwise the engine restarted (its old state is gone): `Restarted`,
+//!   then learn the new engine from 0.
+//! - A replay that starts later than asked (the buffer no longer reaches back), a timeout, or no
+//!   replay socket: `Gap { repaired: false }` for exactly the seqs that were lost.
+
+use crate::decode::{decode, DecodeError};
+use crate::types::EventBatch;
+use std::collections::VecDeque;
+
+/// What the consumer receives, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    Batch(u64, EventBatch),
+    /// Seqs `from..=to` were missed. `repaired`: replay delivered all of them (already passed
+    /// on as batches, before this); otherwise none of them will come.
+    Gap {
+        from: u64,
+        to: u64,
+        repaired: bool,
+    },
+    /// Seq went back: the engine restarted and holds nothing it held before.
+    Restarted {
+        last: u64,
+        seq: u64,
+    },
+    /// A batch whose payload does not decode: counted and skipped (its events are lost).
+    Malformed {
+        seq: u64,
+        error: DecodeError,
+    },
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send a replay request from this seq, and call `on_replay_timeout` if no end marker
+    /// arrives in time.
+    RequestReplay(u64),
+}
+
+#[derive(Debug)]
+enum Mode {
+    Live,
+    /// A replay from `from` is under way; live messages wait in `held`.
+    Replaying {
+        from: u64,
+        /// The first seq received live that triggered the replay (None on the first connect).
+        until: Option<u64>,
+        /// The lowest seq the replay delivered (to report a buffer that no longer reaches back).
+        first: Option<u64>,
+    },
+}
+
+/// The per-publisher sequencing state machine.
+#[derive(Debug)]
+pub struct Sequencer {
+    replay: bool,
+    /// The next seq to deliver; None before anything was delivered.
+    next: Option<u64>,
+    /// After a replay, live messages already in flight may repeat seqs it delivered: seqs in
+    /// this range are duplicates (not a restart) until the first fresh live message.
+    dups: Option<(u64, u64)>,
+    mode: Mode,
+    held: VecDeque<(u64, Vec<u8>)>,
+    max_held: usize,
+    /// Live messages dropped because `held` was full (they show up as unrepaired gaps).
+    pub held_overflow: u64,
+}
+
+impl Sequencer {
+    /// `replay`: whether the publisher has a replay socket. `max_held`: live messages kept while
+    /// a replay runs (the oldest are dropped past it, and reported as a gap).
+    pub fn new(replay: bool, max_held: usize) -> Self {
+        Sequencer {
+            replay,
+            next: None,
+            dups: None,
+            mode: Mode::Live,
+            held: VecDeque::new(),
+            max_held: max_held.max(1),
+            held_overflow: 0,
+        }
+    }
+
+    /// The next seq expected, if any batch was delivered.
+    pub fn next_seq(&self) -> Option<u64> {
+        self.next
+    }
+
+    pub fn is_replaying(&self) -> bool {
+        matches!(self.mode, Mode::Replaying { .. })
+    }
+
+    /// After (re)connecting: with a replay socket, learn what the engine's buffer holds from
+    /// the seq we expect (0 the first time). Subscribe before calling this (slow joiner):
+    /// live messages received meanwhile are held and merged.
+    pub fn on_connected(&mut self) -> Option<Action> {
+        if !self.replay || self.is_replaying() {
+            return None;
+        }
+        let from = self.next.unwrap_or(0);
+        self.mode = Mode::Replaying {
+            from,
+            until: None,
+            first: None,
+        };
+        Some(Action::RequestReplay(from))
+    }
+
+    /// A live message.
+    pub fn on_live(&mut self, seq: u64, payload: &[u8], out: &mut Vec<Delivery>) -> Option<Action> {
+        if self.is_replaying() {
+            self.hold(seq, payload);
+            return None;
+        }
+        self.live(seq, payload, out, true)
+    }
+
+    fn hold(&mut self, seq: u64, payload: &[u8]) {
+        if self.held.len() >= self.max_held {
+            self.held.pop_front();
+            self.held_overflow += 1;
+        }
+        self.held.push_back((seq, payload.to_vec()));
+    }
+
+    /// `may_replay`: false while draining held messages after a replay (no replay loops).
+    fn live(
+        &mut self,
+        seq: u64,
+        payload: &[u8],
+        out: &mut Vec<Delivery>,
+        may_replay: bool,
+    ) -> Option<Action> {
+        let Some(next) = self.next else {
+            // The very first batch, without a replay socket (or after a replay that found
+            // nothing): seqs before it were published before we listened.
+            if seq > 0 {
+                out.push(Delivery::Gap {
+                    from: 0,
+                    to: seq - 1,
+                    repaired: false,
+                });
+            }
+            self.deliver(seq, payload, out);
+            return None;
+        };
+        if seq == next {
+            self.dups = None;
+            self.deliver(seq, payload, out);
+            return None;
+        }
+        if seq < next {
+            if self.dups.is_some_and(|(lo, hi)| (lo..hi).contains(&seq)) {
+                return None; // already delivered by the replay
+            }
+            out.push(Delivery::Restarted {
+                last: next - 1,
+                seq,
+            });
+            self.next = None;
+            self.dups = None;
+            if self.replay && may_replay {
+                // Learn the new engine from its first batch; hold this one meanwhile.
+                self.mode = Mode::Replaying {
+                    from: 0,
+                    until: Some(seq),
+                    first: None,
+                };
+                self.hold(seq, payload);
+                return Some(Action::RequestReplay(0));
+            }
+            return self.live(seq, payload, out, may_replay);
+        }
+        // seq > next: a gap.
+        self.dups = None;
+        if self.replay && may_replay {
+            self.mode = Mode::Replaying {
+                from: next,
+                until: Some(seq),
+                first: None,
+            };
+            self.hold(seq, payload);
+            return Some(Action::RequestReplay(next));
+        }
+        out.push(Delivery::Gap {
+            from: next,
+            to: seq - 1,
+            repaired: false,
+        });
+        self.deliver(seq, payload, out);
+        None
+    }
+
+    fn deliver(&mut self, seq: u64, payload: &[u8], out: &mut Vec<Delivery>) {
+        match decode(payload) {
+            Ok(b) => out.push(Delivery::Batch(seq, b)),
+            Err(error) => out.push(Delivery::Malformed { seq, error }),
+        }
+        self.next = Some(seq + 1);
+    }
+
+    /// One replayed batch.
+    pub fn on_replay(&mut self, seq: u64, payload: &[u8], out: &mut Vec<Delivery>) {
+        let Mode::Replaying { from, first, .. } = &mut self.mode else {
+            return; // a late reply after a timeout: its batches are past
+        };
+        let from = *from;
+        if first.is_none() {
+            *first = Some(seq);
+        }
+        let expected = self.next.map_or(from, |n| n.max(from));
+        if seq < expected {
+            return;
+        }
+        if seq > expected {
+            // The buffer no longer reaches back to `expected`.
+            out.push(Delivery::Gap {
+                from: expected,
+                to: seq - 1,
+                repaired: false,
+            });
+        }
+        self.deliver(seq, payload, out);
+    }
+
+    /// The replay's end marker.
+    pub fn on_replay_end(&mut self, out: &mut Vec<Delivery>) {
+        self.finish_replay(out);
+    }
+
+    /// No end marker in time: what the replay did not deliver is lost.
+    pub fn on_replay_timeout(&mut self, out: &mut Vec<Delivery>) {
+        self.finish_replay(out);
+    }
+
+    fn finish_replay(&mut self, out: &mut Vec<Delivery>) {
+        let Mode::Replaying { from, until, first } = std::mem::replace(&mut self.mode, Mode::Live)
+        else {
+            return;
+        };
+        if let Some(until) = until {
+            let reached = self.next.unwrap_or(from);
+            if until > from && first == Some(from) && reached >= until {
+                out.push(Delivery::Gap {
+                    from,
+                    to: until - 1,
+                    repaired: true,
+                });
+            }
+        }
+        self.dups = self.next.map(|n| (from, n));
+        // Merge what arrived live meanwhile: duplicates of replayed batches are dropped, holes
+        // the replay did not fill are unrepaired gaps.
+        while let Some((seq, payload)) = self.held.pop_front() {
+            if self.next.is_none() && seq > from {
+                // Nothing replayed at all: the hole is from..seq.
+                out.push(Delivery::Gap {
+                    from,
+                    to: seq - 1,
+                    repaired: false,
+                });
+                self.deliver(seq, &payload, out);
+                continue;
+            }
+            self.live(seq, &payload, out, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{encode, WireFormat};
+
+    fn payload(seq: u64) -> Vec<u8> {
+        let b = EventBatch {
+            ts: seq as f64,
+            events: Vec::new(),
+            data_parallel_rank: Some(0),
+        };
+        encode(&b, &WireFormat::VLLM_0_33)
+    }
+
+    /// Compact view: batches as their seq, gaps and restarts spelled out.
+    fn view(out: &[Delivery]) -> Vec<String> {
+        out.iter()
+            .map(|d| match d {
+                Delivery::Batch(s, b) => {
+                    assert_eq!(b.ts, *s as f64, "batch {s} carries its own payload");
+                    format!("{s}")
+                }
+                Delivery::Gap { from, to, repaired } => {
+                    format!(
+                        "gap {from}-{to} {}",
+                        if *repaired { "repaired" } else { "lost" }
+                    )
+                }
+                Delivery::Restarted { last, seq } => format!("restart {last}->{seq}"),
+                Delivery::Malformed { seq, .. } => format!("malformed {seq}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_order_without_replay() {
+        let mut s = Sequencer::new(false, 16);
+        let mut out = Vec::new();
+        for q in 0..3 {
+            assert_eq!(s.on_live(q, &payload(q), &mut out), None);
+        }
+        assert_eq!(view(&out), ["0", "1", "2"]);
+    }
+
+    #[test]
+    fn gap_without_replay_is_lost_and_said() {
+        let mut s = Sequencer::new(false, 16);
+        let mut out = Vec::new();
+        s.on_live(0, &payload(0), &mut out);
+        s.on_live(4, &payload(4), &mut out);
+        assert_eq!(view(&out), ["0", "gap 1-3 lost", "4"]);
+    }
+
+    #[test]
+    fn late_joiner_without_replay_reports_what_it_never_saw() {
+        let mut s = Sequencer::new(false, 16);
+        let mut out = Vec::new();
+        s.on_live(7, &payload(7), &mut out);
+        assert_eq!(view(&out), ["gap 0-6 lost", "7"]);
+    }
+
+    #[test]
+    fn first_connect_replays_from_zero_and_merges_held_live() {
+        let mut s = Sequencer::new(true, 16);
+        let mut out = Vec::new();
+        assert_eq!(s.on_connected(), Some(Action::RequestReplay(0)));
+        // Live 5 and 6 arrive while the replay runs (the engine was at 4 when we joined).
+        s.on_live(5, &payload(5), &mut out);
+        s.on_live(6, &payload(6), &mut out);
+        assert!(out.is_empty(), "held until the replay ends");
+        for q in 0..=5 {
+            s.on_replay(q, &payload(q), &mut out);
+        }
+        s.on_replay_end(&mut out);
+        assert_eq!(view(&out), ["0", "1", "2", "3", "4", "5", "6"], "5 once");
+        s.on_live(7, &payload(7), &mut out);
+        assert_eq!(view(&out).last().map(String::as_str), Some("7"));
+    }
+
+    #[test]
+    fn skipped_range_is_repaired_from_replay_and_live_duplicates_dropped() {
+        let mut s = Sequencer::new(true, 16);
+        let mut out = Vec::new();
+        s.on_connected();
+        s.on_replay_end(&mut out); // empty buffer
+        s.on_live(0, &payload(0), &mut out);
+        assert_eq!(
+            s.on_live(3, &payload(3), &mut out),
+            Some(Action::RequestReplay(1))
+        );
+        s.on_live(4, &payload(4), &mut out);
+        for q in 1..=4 {
+            s.on_replay(q, &payload(q), &mut out);
+        }
+        s.on_replay_end(&mut out);
+        // A late live duplicate of a replayed batch is dropped, not taken for a restart.
+        s.on_live(2, &payload(2), &mut out);
+        s.on_live(5, &payload(5), &mut out);
+        assert_eq!(
+            view(&out),
+            ["0", "1", "2", "3", "4", "gap 1-2 repaired", "5"]
+        );
+    }
+
+    #[test]
+    fn range_older_than_the_buffer_is_reported_unrepaired() {
+        let mut s = Sequencer::new(true, 16);
+        let mut out = Vec::new();
+        s.on_connected();
+        s.on_replay_end(&mut out);
+        s.on_live(0, &payload(0), &mut out);
+        assert_eq!(
+            s.on_live(20, &payload(20), &mut out),
+            Some(Action::RequestReplay(1))
+        );
+        // The buffer holds only 15.. now.
+        for q in 15..=20 {
+            s.on_replay(q, &payload(q), &mut out);
+        }
+        s.on_replay_end(&mut out);
+        assert_eq!(
+            view(&out),
+            ["0", "gap 1-14 lost", "15", "16", "17", "18", "19", "20"]
+        );
+    }
+
+    #[test]
+    fn replay_timeout_loses_exactly_what_was_not_replayed() {
+        let mut s = Sequencer::new(true, 16);
+        let mut out = Vec::new();
+        s.on_connected();
+        s.on_replay_end(&mut out);
+        s.on_live(0, &payload(0), &mut out);
+        s.on_live(5, &payload(5), &mut out);
+        s.on_replay(1, &payload(1), &mut out);
+        s.on_replay(2, &payload(2), &mut out);
+        s.on_replay_timeout(&mut out);
+        // A reply that straggles in after the timeout is ignored.
+        s.on_replay(3, &payload(3), &mut out);
+        assert_eq!(view(&out), ["0", "1", "2", "gap 3-4 lost", "5"]);
+    }
+
+    #[test]
+    fn restart_is_reported_and_the_new_engine_learned_from_zero() {
+        let mut s = Sequencer::new(true, 16);
+        let mut out = Vec::new();
+        s.on_connected();
+        for q in 0..3 {
+            s.on_replay(q, &payload(q), &mut out);
+        }
+        s.on_replay_end(&mut out);
+        s.on_live(3, &payload(3), &mut out);
+        // The engine restarted; we see its seq 2 first.
+        assert_eq!(
+            s.on_live(2, &payload(2), &mut out),
+            Some(Action::RequestReplay(0))
+        );
+        for q in 0..=2 {
+            s.on_replay(q, &payload(q), &mut out);
+        }
+        s.on_replay_end(&mut out);
+        // The new engine's 0..=1, missed live, came back through replay.
+        assert_eq!(
+            view(&out),
+            [
+                "0",
+                "1",
+                "2",
+                "3",
+                "restart 3->2",
+                "0",
+                "1",
+                "2",
+                "gap 0-1 repaired"
+            ]
+        );
+    }
+
+    #[test]
+    fn restart_without_replay() {
+        let mut s = Sequencer::new(false, 16);
+        let mut out = Vec::new();
+        for q in 0..5 {
+            s.on_live(q, &payload(q), &mut out);
+        }
+        s.on_live(1, &payload(1), &mut out);
+        assert_eq!(
+            view(&out),
+            ["0", "1", "2", "3", "4", "restart 4->1", "gap 0-0 lost", "1"]
+        );
+    }
+
+    #[test]
+    fn malformed_payload_is_counted_skipped_and_seq_advances() {
+        let mut s = Sequencer::new(false, 16);
+        let mut out = Vec::new();
+        s.on_live(0, &payload(0), &mut out);
+        s.on_live(1, b"\xc1garbage", &mut out);
+        s.on_live(2, &payload(2), &mut out);
+        assert_eq!(view(&out), ["0", "malformed 1", "2"]);
+    }
+
+    #[test]
+    fn held_messages_are_bounded_and_overflow_is_a_gap() {
+        let mut s = Sequencer::new(true, 2);
+        let mut out = Vec::new();
+        s.on_connected();
+        for q in 0..4 {
+            s.on_live(q, &payload(q), &mut out);
+        }
+        assert_eq!(s.held_overflow, 2);
+        s.on_replay_end(&mut out); // the engine had nothing buffered before 0
+        assert_eq!(view(&out), ["gap 0-1 lost", "2", "3"]);
+    }
+
+    /// Fault injection: a publisher whose live messages are dropped at random, with a replay
+    /// buffer of `buf` batches that answers after a random delay or never (timeout). Whatever
+    /// happens, the deliveries are strictly increasing, no batch twice, and every seq up to the
+    /// last delivered is either delivered or inside exactly one unrepaired gap.
+    mod faults {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+            #[test]
+            fn every_seq_is_delivered_once_or_reported_lost(
+                n in 1u64..80,
+                drops in proptest::collection::vec(any::<bool>(), 80),
+                buf in 1usize..40,
+                delay in 0usize..5,
+                timeouts in proptest::collection::vec(proptest::bool::weighted(0.2), 20),
+                replay in any::<bool>(),
+            ) {
+                let mut s = Sequencer::new(replay, 8);
+                let mut out = Vec::new();
+                let mut pending: Option<(u64, usize)> = None; // (from, messages until answered)
+                let mut replies = 0usize;
+                let mut published: Vec<u64> = Vec::new();
+                let answer = |s: &mut Sequencer, from: u64, published: &[u64], out: &mut Vec<Delivery>, timeout: bool| {
+                    if timeout {
+                        s.on_replay_timeout(out);
+                        return;
+                    }
+                    let start = published.len().saturating_sub(buf);
+                    for &q in published[start..].iter().filter(|&&q| q >= from) {
+                        s.on_replay(q, &payload(q), out);
+                    }
+                    s.on_replay_end(out);
+                };
+                if let Some(Action::RequestReplay(from)) = s.on_connected() {
+                    pending = Some((from, delay));
+                }
+                for q in 0..n {
+                    published.push(q);
+                    if !drops[q as usize] || q == n - 1 {
+                        if let Some(Action::RequestReplay(from)) = s.on_live(q, &payload(q), &mut out) {
+                            prop_assert!(pending.is_none(), "one replay at a time");
+                            pending = Some((from, delay));
+                        }
+                    }
+                    if let Some((from, left)) = pending {
+                        if left == 0 {
+                            pending = None;
+                            let t = timeouts[replies % timeouts.len()];
+                            replies += 1;
+                            answer(&mut s, from, &published, &mut out, t);
+                        } else {
+                            pending = Some((from, left - 1));
+                        }
+                    }
+                }
+                if let Some((from, _)) = pending {
+                    answer(&mut s, from, &published, &mut out, false);
+                }
+                let mut covered = vec![0u32; n as usize];
+                let mut last: Option<u64> = None;
+                for d in &out {
+                    match d {
+                        Delivery::Batch(q, _) => {
+                            prop_assert!(last.is_none_or(|l| *q > l), "in order, once: {:?}", view(&out));
+                            last = Some(*q);
+                            covered[*q as usize] += 1;
+                        }
+                        Delivery::Gap { from, to, repaired: false } => {
+                            for q in *from..=*to {
+                                covered[q as usize] += 1;
+                            }
+                        }
+                        Delivery::Gap { repaired: true, .. } => {}
+                        other => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                prop_assert_eq!(last, Some(n - 1), "the last batch (never dropped) arrives");
+                prop_assert!(covered.iter().all(|&c| c == 1), "{:?} -> {:?}", covered, view(&out));
+            }
+        }
+    }
+}
