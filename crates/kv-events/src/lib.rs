@@ -19,10 +19,14 @@ mod encode;
 pub mod frames;
 pub mod msgpack;
 mod sequencer;
+mod subscriber;
 mod types;
 
 pub use decode::{decode, DecodeError, DecodeErrorKind};
 pub use encode::{encode, encode_into, Shape, WireFormat};
 pub use frames::{parse_live, parse_replay, FrameError, LiveMessage, ReplayMessage};
 pub use sequencer::{Action, Delivery, Sequencer};
+pub use subscriber::{
+    Backoff, Hub, HubError, SubscriberConfig, SubscriberEvent, SubscriberState, SubscriptionId,
+};
 pub use types::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, EventBatch, Medium};

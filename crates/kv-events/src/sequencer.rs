@@ -99,6 +99,12 @@ impl Sequencer {
         }
     }
 
+    /// Starts at `seq` instead of 0: the first replay asks from there, and earlier seqs are
+    /// not reported as missed.
+    pub fn resume_at(&mut self, seq: u64) {
+        self.next = Some(seq);
+    }
+
     /// The next seq expected, if any batch was delivered.
     pub fn next_seq(&self) -> Option<u64> {
         self.next

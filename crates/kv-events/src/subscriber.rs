@@ -1,0 +1,705 @@
+//! The ZeroMQ subscribers: one SUB (and one replay DEALER) per publisher (pod, DP rank), all
+//! driven by one poller thread over libzmq, each feeding its own bounded channel.
+//!
+//! ```text
+//!  Hub::subscribe(cfg, sink) ──command──▶ poller thread ── zmq::poll(all sockets) ──┐
+//!                                           │  SUB [topic, seq, payload] ─▶ Sequencer ─▶ sink (bounded)
+//!                                           │  DEALER replies ────────────▶ Sequencer
+//!                                           └─ monitor: connected / disconnected
+//! ```
+//!
+//! libzmq connects in the background (a pod that is not up yet neither blocks nor fails) and
+//! reconnects by itself with exponential backoff and jitter (`ZMQ_RECONNECT_IVL` = the
+//! backoff's start, `ZMQ_RECONNECT_IVL_MAX` = its cap; libzmq doubles and adds up to one
+//! interval of jitter). ZMTP heartbeats detect a publisher that vanished without closing; an
+//! optional idle timeout recreates the sockets after our own backoff (start, cap, factor).
+//! When a sink is full the poller stops reading that SUB (libzmq then drops at its high-water
+//! mark, which the sequencer reports as a gap and repairs through replay); it never blocks
+//! and never busy-polls: it sleeps in `zmq::poll` until a socket, a command or a deadline.
+
+use crate::frames::{parse_live, parse_replay, replay_request, FrameError, ReplayMessage};
+use crate::sequencer::{Action, Delivery, Sequencer};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc as tmpsc;
+
+/// Reconnect backoff: `start × factor^attempt`, capped, with jitter in [½, 1] of that.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub start: Duration,
+    pub cap: Duration,
+    pub factor: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            start: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+            factor: 2.0,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt` (0-based), given a random `u64`.
+    pub fn delay(&self, attempt: u32, random: u64) -> Duration {
+        let base = self.start.as_secs_f64() * self.factor.max(1.0).powi(attempt.min(64) as i32);
+        let base = base.min(self.cap.as_secs_f64());
+        let jitter = 0.5 + 0.5 * (random >> 11) as f64 / (1u64 << 53) as f64;
+        Duration::from_secs_f64(base * jitter)
+    }
+}
+
+/// One publisher to subscribe to.
+#[derive(Debug, Clone)]
+pub struct SubscriberConfig {
+    /// For logs: e.g. `ns/pod rank 0`.
+    pub name: String,
+    /// `tcp://HOST:PORT` of the PUB socket.
+    pub endpoint: String,
+    /// `tcp://HOST:PORT` of the replay ROUTER, if the engine has one.
+    pub replay_endpoint: Option<String>,
+    /// Topic prefix filter; empty = every topic.
+    pub topic: Vec<u8>,
+    /// The data-parallel rank the batches must carry (checked when they carry one).
+    pub dp_rank: Option<u32>,
+    /// `AIBRIX_KV_EVENT_REPLAY_TIMEOUT_S`.
+    pub replay_timeout: Duration,
+    /// ZMTP heartbeat interval; the peer is dead after 5 intervals without a reply.
+    pub heartbeat: Duration,
+    /// Recreate the sockets when nothing arrives for this long while connected.
+    pub idle_timeout: Option<Duration>,
+    pub backoff: Backoff,
+    /// Live messages held while a replay runs.
+    pub max_held: usize,
+    /// Start from this seq (replayed) instead of 0 on the first connect.
+    pub from_seq: Option<u64>,
+}
+
+impl SubscriberConfig {
+    pub fn new(name: impl Into<String>, endpoint: impl Into<String>) -> Self {
+        SubscriberConfig {
+            name: name.into(),
+            endpoint: endpoint.into(),
+            replay_endpoint: None,
+            topic: Vec::new(),
+            dp_rank: None,
+            replay_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
+            idle_timeout: None,
+            backoff: Backoff::default(),
+            max_held: 10_000,
+            from_seq: None,
+        }
+    }
+
+    #[must_use]
+    pub fn replay(mut self, endpoint: impl Into<String>) -> Self {
+        self.replay_endpoint = Some(endpoint.into());
+        self
+    }
+}
+
+/// A subscriber's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriberState {
+    /// Sockets open, waiting for the TCP connection (libzmq retries by itself).
+    Connecting,
+    /// Connected, delivering live batches.
+    Live,
+    /// Connected, a replay is under way; live batches are held.
+    Replaying,
+    /// Sockets closed after an idle timeout; reopened when the backoff expires.
+    BackingOff,
+    /// Unsubscribed or shut down.
+    Stopped,
+}
+
+/// What a subscriber's sink receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubscriberEvent {
+    Connected,
+    Disconnected,
+    State(SubscriberState),
+    Delivery(Delivery),
+    /// A message that is not one vLLM sends (counted and skipped).
+    BadFrame(FrameError),
+    /// A batch that carries another data-parallel rank than this subscriber's (skipped).
+    RankMismatch {
+        seq: u64,
+        got: u32,
+    },
+}
+
+/// Identifies a subscription of a [`Hub`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SubscriptionId(u64);
+
+enum Command {
+    Add(u64, Box<SubscriberConfig>, tmpsc::Sender<SubscriberEvent>),
+    Remove(u64),
+    Shutdown,
+}
+
+/// The owner of the poller thread. Dropping it stops every subscriber and joins the thread.
+pub struct Hub {
+    commands: mpsc::Sender<Command>,
+    wake: Mutex<zmq::Socket>,
+    thread: Option<JoinHandle<()>>,
+    next_id: std::sync::atomic::AtomicU64,
+    live: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("subscriptions", &self.subscriptions())
+            .finish()
+    }
+}
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("zeromq: {0}")]
+    Zmq(#[from] zmq::Error),
+    #[error("spawning the poller thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+impl Hub {
+    /// Starts the poller thread.
+    pub fn start() -> Result<Hub, HubError> {
+        let ctx = zmq::Context::new();
+        let wake_rx = ctx.socket(zmq::PAIR)?;
+        let endpoint = format!("inproc://kv-events-hub-{:p}", &wake_rx);
+        wake_rx.bind(&endpoint)?;
+        let wake = ctx.socket(zmq::PAIR)?;
+        wake.connect(&endpoint)?;
+        let (tx, rx) = mpsc::channel();
+        let live = Arc::new(AtomicUsize::new(0));
+        let poller = Poller {
+            ctx,
+            wake: wake_rx,
+            commands: rx,
+            subs: Vec::new(),
+            live: live.clone(),
+            rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()),
+        };
+        let thread = std::thread::Builder::new()
+            .name("kv-events-poller".into())
+            .spawn(move || poller.run())?;
+        Ok(Hub {
+            commands: tx,
+            wake: Mutex::new(wake),
+            thread: Some(thread),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            live,
+        })
+    }
+
+    fn send(&self, c: Command) {
+        if self.commands.send(c).is_ok() {
+            if let Ok(w) = self.wake.lock() {
+                let _ = w.send(&[][..], zmq::DONTWAIT);
+            }
+        }
+    }
+
+    /// Subscribes; events go to `sink` in order. Never blocks on the network.
+    pub fn subscribe(
+        &self,
+        cfg: SubscriberConfig,
+        sink: tmpsc::Sender<SubscriberEvent>,
+    ) -> SubscriptionId {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        self.send(Command::Add(id, Box::new(cfg), sink));
+        SubscriptionId(id)
+    }
+
+    /// Stops a subscription: its sockets close and its sink gets `State(Stopped)`.
+    pub fn unsubscribe(&self, id: SubscriptionId) {
+        self.send(Command::Remove(id.0));
+    }
+
+    /// Subscriptions the poller currently runs.
+    pub fn subscriptions(&self) -> usize {
+        self.live.load(Relaxed)
+    }
+
+    /// Stops every subscriber and joins the poller thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Sockets {
+    sub: zmq::Socket,
+    dealer: Option<zmq::Socket>,
+    monitor: zmq::Socket,
+}
+
+struct Sub {
+    id: u64,
+    cfg: SubscriberConfig,
+    sink: tmpsc::Sender<SubscriberEvent>,
+    sockets: Option<Sockets>,
+    generation: u64,
+    seq: Sequencer,
+    state: SubscriberState,
+    connected: bool,
+    outbox: VecDeque<SubscriberEvent>,
+    replay_deadline: Option<Instant>,
+    last_message: Instant,
+    reopen_at: Option<Instant>,
+    attempt: u32,
+    closed: bool,
+}
+
+struct Poller {
+    ctx: zmq::Context,
+    wake: zmq::Socket,
+    commands: mpsc::Receiver<Command>,
+    subs: Vec<Sub>,
+    live: Arc<AtomicUsize>,
+    rng: u64,
+}
+
+/// Most messages read from one socket before the others get a turn.
+const READ_BURST: usize = 256;
+/// How often a full sink is retried (the consumer cannot wake the poller).
+const SINK_RETRY: Duration = Duration::from_millis(20);
+/// The longest sleep in `zmq::poll` (deadlines are checked at least this often).
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+
+impl Poller {
+    fn run(mut self) {
+        loop {
+            if !self.drain_commands() {
+                break;
+            }
+            let now = Instant::now();
+            self.timers(now);
+            for s in &mut self.subs {
+                s.flush();
+            }
+            self.subs.retain(|s| !s.closed);
+            self.live.store(self.subs.len(), Relaxed);
+            let timeout = self.next_timeout(Instant::now());
+            // Poll items: wake, then per subscriber SUB (unless its sink is full), DEALER, monitor.
+            let mut owners: Vec<(usize, u8)> = Vec::new();
+            let mut items = vec![self.wake.as_poll_item(zmq::POLLIN)];
+            for (i, s) in self.subs.iter().enumerate() {
+                let Some(k) = &s.sockets else { continue };
+                if s.outbox.is_empty() {
+                    items.push(k.sub.as_poll_item(zmq::POLLIN));
+                    owners.push((i, 0));
+                }
+                if let Some(d) = &k.dealer {
+                    items.push(d.as_poll_item(zmq::POLLIN));
+                    owners.push((i, 1));
+                }
+                items.push(k.monitor.as_poll_item(zmq::POLLIN));
+                owners.push((i, 2));
+            }
+            let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+            if zmq::poll(&mut items, ms).is_err() {
+                continue;
+            }
+            let ready: Vec<(usize, u8)> = items[1..]
+                .iter()
+                .zip(&owners)
+                .filter(|(it, _)| it.is_readable())
+                .map(|(_, o)| *o)
+                .collect();
+            if items[0].is_readable() {
+                while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            }
+            drop(items);
+            for (i, which) in ready {
+                let s = &mut self.subs[i];
+                match which {
+                    0 => s.read_live(),
+                    1 => s.read_replay(),
+                    _ => s.read_monitor(),
+                }
+            }
+        }
+        for s in &mut self.subs {
+            s.stop();
+        }
+        self.live.store(0, Relaxed);
+    }
+
+    /// Applies queued commands; false on shutdown.
+    fn drain_commands(&mut self) -> bool {
+        while let Ok(c) = self.commands.try_recv() {
+            match c {
+                Command::Add(id, cfg, sink) => {
+                    let mut seq = Sequencer::new(cfg.replay_endpoint.is_some(), cfg.max_held);
+                    if let Some(n) = cfg.from_seq {
+                        seq.resume_at(n);
+                    }
+                    let mut s = Sub {
+                        id,
+                        cfg: *cfg,
+                        sink,
+                        sockets: None,
+                        generation: 0,
+                        seq,
+                        state: SubscriberState::Connecting,
+                        connected: false,
+                        outbox: VecDeque::new(),
+                        replay_deadline: None,
+                        last_message: Instant::now(),
+                        reopen_at: None,
+                        attempt: 0,
+                        closed: false,
+                    };
+                    s.open(&self.ctx);
+                    self.subs.push(s);
+                }
+                Command::Remove(id) => {
+                    if let Some(s) = self.subs.iter_mut().find(|s| s.id == id) {
+                        s.stop();
+                    }
+                }
+                Command::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    fn timers(&mut self, now: Instant) {
+        for i in 0..self.subs.len() {
+            let random = self.random();
+            let s = &mut self.subs[i];
+            if s.replay_deadline.is_some_and(|d| now >= d) {
+                s.replay_deadline = None;
+                let mut out = Vec::new();
+                s.seq.on_replay_timeout(&mut out);
+                tracing::warn!(subscriber = %s.cfg.name, "replay timed out");
+                s.emit_deliveries(out);
+                s.set_state(SubscriberState::Live);
+            }
+            if let (Some(idle), true) = (s.cfg.idle_timeout, s.connected) {
+                if now.duration_since(s.last_message) >= idle {
+                    tracing::warn!(subscriber = %s.cfg.name, "no message for {idle:?}: reconnecting");
+                    s.close_sockets();
+                    s.disconnected();
+                    s.reopen_at = Some(now + s.cfg.backoff.delay(s.attempt, random));
+                    s.attempt = s.attempt.saturating_add(1);
+                    s.set_state(SubscriberState::BackingOff);
+                }
+            }
+            if s.reopen_at.is_some_and(|t| now >= t) {
+                s.reopen_at = None;
+                s.open(&self.ctx);
+            }
+        }
+    }
+
+    fn next_timeout(&self, now: Instant) -> Duration {
+        let mut t = MAX_SLEEP;
+        for s in &self.subs {
+            if !s.outbox.is_empty() {
+                t = t.min(SINK_RETRY);
+            }
+            let deadlines = [
+                s.replay_deadline,
+                s.reopen_at,
+                s.cfg
+                    .idle_timeout
+                    .filter(|_| s.connected)
+                    .map(|d| s.last_message + d),
+            ];
+            for d in deadlines.into_iter().flatten() {
+                t = t.min(d.saturating_duration_since(now));
+            }
+        }
+        t
+    }
+
+    /// xorshift64*: jitter for backoffs.
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+impl Sub {
+    fn open(&mut self, ctx: &zmq::Context) {
+        self.generation += 1;
+        match self.try_open(ctx) {
+            Ok(k) => {
+                self.sockets = Some(k);
+                self.set_state(SubscriberState::Connecting);
+            }
+            Err(e) => {
+                tracing::warn!(subscriber = %self.cfg.name, error = %e, "cannot open sockets");
+                self.reopen_at = Some(Instant::now() + self.cfg.backoff.delay(self.attempt, 0));
+                self.attempt = self.attempt.saturating_add(1);
+                self.set_state(SubscriberState::BackingOff);
+            }
+        }
+    }
+
+    fn try_open(&self, ctx: &zmq::Context) -> Result<Sockets, zmq::Error> {
+        let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        let sub = ctx.socket(zmq::SUB)?;
+        sub.set_linger(0)?;
+        sub.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
+        sub.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
+        sub.set_heartbeat_ivl(ms(self.cfg.heartbeat))?;
+        sub.set_heartbeat_timeout(ms(self.cfg.heartbeat * 5))?;
+        sub.set_subscribe(&self.cfg.topic)?;
+        let mon = format!("inproc://kv-events-mon-{}-{}", self.id, self.generation);
+        sub.monitor(
+            &mon,
+            (zmq::SocketEvent::CONNECTED as i32) | (zmq::SocketEvent::DISCONNECTED as i32),
+        )?;
+        let monitor = ctx.socket(zmq::PAIR)?;
+        monitor.connect(&mon)?;
+        sub.connect(&self.cfg.endpoint)?;
+        let dealer = match &self.cfg.replay_endpoint {
+            Some(ep) => {
+                let d = ctx.socket(zmq::DEALER)?;
+                d.set_linger(0)?;
+                d.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
+                d.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
+                d.connect(ep)?;
+                Some(d)
+            }
+            None => None,
+        };
+        Ok(Sockets {
+            sub,
+            dealer,
+            monitor,
+        })
+    }
+
+    fn close_sockets(&mut self) {
+        self.sockets = None;
+        self.replay_deadline = None;
+    }
+
+    fn stop(&mut self) {
+        self.close_sockets();
+        if self.connected {
+            self.disconnected();
+        }
+        self.set_state(SubscriberState::Stopped);
+        self.flush();
+        self.closed = true;
+    }
+
+    fn set_state(&mut self, state: SubscriberState) {
+        if self.state != state {
+            tracing::info!(subscriber = %self.cfg.name, from = ?self.state, to = ?state, "subscriber state");
+            self.state = state;
+            self.push(SubscriberEvent::State(state));
+        }
+    }
+
+    fn push(&mut self, ev: SubscriberEvent) {
+        self.outbox.push_back(ev);
+    }
+
+    /// Sends what waits in the outbox; stops at a full sink.
+    fn flush(&mut self) {
+        while let Some(ev) = self.outbox.pop_front() {
+            match self.sink.try_send(ev) {
+                Ok(()) => {}
+                Err(tmpsc::error::TrySendError::Full(ev)) => {
+                    self.outbox.push_front(ev);
+                    return;
+                }
+                Err(tmpsc::error::TrySendError::Closed(_)) => {
+                    // The consumer is gone: nobody to deliver to.
+                    self.outbox.clear();
+                    self.sockets = None;
+                    self.closed = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn disconnected(&mut self) {
+        self.connected = false;
+        self.push(SubscriberEvent::Disconnected);
+    }
+
+    fn read_monitor(&mut self) {
+        loop {
+            let Some(k) = &self.sockets else { return };
+            let Ok(frames) = k.monitor.recv_multipart(zmq::DONTWAIT) else {
+                return;
+            };
+            let event = frames
+                .first()
+                .and_then(|f| f.get(..2))
+                .map(|b| u16::from_le_bytes([b[0], b[1]]));
+            if event == Some(zmq::SocketEvent::CONNECTED as u16) {
+                self.connected = true;
+                self.attempt = 0;
+                self.last_message = Instant::now();
+                self.push(SubscriberEvent::Connected);
+                tracing::info!(subscriber = %self.cfg.name, "connected");
+                match self.seq.on_connected() {
+                    Some(Action::RequestReplay(from)) => self.request_replay(from),
+                    None => self.set_state(SubscriberState::Live),
+                }
+            } else if event == Some(zmq::SocketEvent::DISCONNECTED as u16) && self.connected {
+                tracing::info!(subscriber = %self.cfg.name, "disconnected");
+                self.disconnected();
+                self.set_state(SubscriberState::Connecting);
+            }
+        }
+    }
+
+    fn request_replay(&mut self, from: u64) {
+        let sent = self
+            .sockets
+            .as_ref()
+            .and_then(|k| k.dealer.as_ref())
+            .map(|d| d.send_multipart(replay_request(from), zmq::DONTWAIT));
+        match sent {
+            Some(Ok(())) => {
+                tracing::debug!(subscriber = %self.cfg.name, from, "replay requested");
+                self.replay_deadline = Some(Instant::now() + self.cfg.replay_timeout);
+                self.set_state(SubscriberState::Replaying);
+            }
+            _ => {
+                // Not connected to the replay socket: what the replay would give is lost.
+                let mut out = Vec::new();
+                self.seq.on_replay_timeout(&mut out);
+                self.emit_deliveries(out);
+                self.set_state(SubscriberState::Live);
+            }
+        }
+    }
+
+    fn read_live(&mut self) {
+        for _ in 0..READ_BURST {
+            if !self.outbox.is_empty() {
+                return; // the sink is full: leave the rest in libzmq's queue
+            }
+            let Some(k) = &self.sockets else { return };
+            let Ok(frames) = k.sub.recv_multipart(zmq::DONTWAIT) else {
+                return;
+            };
+            self.last_message = Instant::now();
+            let mut out = Vec::new();
+            let action = match parse_live(&frames) {
+                Ok(m) => self.seq.on_live(m.seq, m.payload, &mut out),
+                Err(e) => {
+                    self.push(SubscriberEvent::BadFrame(e));
+                    None
+                }
+            };
+            self.emit_deliveries(out);
+            if let Some(Action::RequestReplay(from)) = action {
+                self.request_replay(from);
+            }
+            self.flush();
+        }
+    }
+
+    fn read_replay(&mut self) {
+        loop {
+            let Some(d) = self.sockets.as_ref().and_then(|k| k.dealer.as_ref()) else {
+                return;
+            };
+            let Ok(frames) = d.recv_multipart(zmq::DONTWAIT) else {
+                return;
+            };
+            let mut out = Vec::new();
+            match parse_replay(&frames) {
+                Ok(ReplayMessage::Batch { seq, payload, .. }) => {
+                    self.seq.on_replay(seq, payload, &mut out);
+                }
+                Ok(ReplayMessage::End) => {
+                    if self.seq.is_replaying() {
+                        self.replay_deadline = None;
+                        self.seq.on_replay_end(&mut out);
+                        self.emit_deliveries(out);
+                        self.set_state(SubscriberState::Live);
+                        self.flush();
+                        continue;
+                    }
+                }
+                Err(e) => self.push(SubscriberEvent::BadFrame(e)),
+            }
+            self.emit_deliveries(out);
+            self.flush();
+        }
+    }
+
+    fn emit_deliveries(&mut self, out: Vec<Delivery>) {
+        for d in out {
+            if let (Delivery::Batch(seq, b), Some(want)) = (&d, self.cfg.dp_rank) {
+                if let Some(got) = b.data_parallel_rank.filter(|g| *g != want) {
+                    self.push(SubscriberEvent::RankMismatch { seq: *seq, got });
+                    continue;
+                }
+            }
+            self.push(SubscriberEvent::Delivery(d));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_factor_to_the_cap_with_jitter_in_half_to_full() {
+        let b = Backoff {
+            start: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+            factor: 3.0,
+        };
+        for (attempt, base_ms) in [
+            (0, 100.0),
+            (1, 300.0),
+            (2, 900.0),
+            (3, 2000.0),
+            (30, 2000.0),
+        ] {
+            for r in [0u64, u64::MAX / 3, u64::MAX] {
+                let d = b.delay(attempt, r).as_secs_f64() * 1000.0;
+                assert!(
+                    d >= base_ms * 0.5 - 1e-6 && d <= base_ms + 1e-6,
+                    "attempt {attempt}: {d} ms not in [{}, {base_ms}]",
+                    base_ms * 0.5
+                );
+            }
+        }
+        assert_ne!(
+            b.delay(1, 1 << 40),
+            b.delay(1, u64::MAX >> 1),
+            "jitter varies"
+        );
+    }
+}
