@@ -183,7 +183,7 @@ impl Hub {
         let (tx, rx) = mpsc::channel();
         let live = Arc::new(AtomicUsize::new(0));
         let poller = Poller {
-            ctx,
+            contexts: vec![(ctx, 0)],
             wake: wake_rx,
             commands: rx,
             subs: Vec::new(),
@@ -258,6 +258,8 @@ struct Sockets {
 
 struct Sub {
     id: u64,
+    /// Index of its context in `Poller::contexts`.
+    context: usize,
     cfg: SubscriberConfig,
     sink: tmpsc::Sender<SubscriberEvent>,
     sockets: Option<Sockets>,
@@ -274,7 +276,8 @@ struct Sub {
 }
 
 struct Poller {
-    ctx: zmq::Context,
+    /// libzmq contexts and how many subscribers each hosts (the first also hosts `wake`).
+    contexts: Vec<(zmq::Context, usize)>,
     wake: zmq::Socket,
     commands: mpsc::Receiver<Command>,
     subs: Vec<Sub>,
@@ -282,6 +285,10 @@ struct Poller {
     rng: u64,
 }
 
+/// Subscribers per libzmq context. Each takes four sockets (SUB, DEALER, the monitor pair)
+/// and a context holds at most 1023 (libzmq's default; the zmq crate cannot raise it), so the
+/// hub opens another context (one I/O thread and one reaper thread) per 250 subscribers.
+const SUBS_PER_CONTEXT: usize = 250;
 /// Most messages read from one socket before the others get a turn.
 const READ_BURST: usize = 256;
 /// How often a full sink is retried (the consumer cannot wake the poller).
@@ -299,6 +306,9 @@ impl Poller {
             self.timers(now);
             for s in &mut self.subs {
                 s.flush();
+            }
+            for s in self.subs.iter().filter(|s| s.closed) {
+                self.contexts[s.context].1 -= 1;
             }
             self.subs.retain(|s| !s.closed);
             self.live.store(self.subs.len(), Relaxed);
@@ -357,8 +367,10 @@ impl Poller {
                     if let Some(n) = cfg.from_seq {
                         seq.resume_at(n);
                     }
+                    let context = self.pick_context();
                     let mut s = Sub {
                         id,
+                        context,
                         cfg: *cfg,
                         sink,
                         sockets: None,
@@ -373,7 +385,7 @@ impl Poller {
                         attempt: 0,
                         closed: false,
                     };
-                    s.open(&self.ctx);
+                    s.open(&self.contexts[context].0);
                     self.subs.push(s);
                 }
                 Command::Remove(id) => {
@@ -411,7 +423,7 @@ impl Poller {
             }
             if s.reopen_at.is_some_and(|t| now >= t) {
                 s.reopen_at = None;
-                s.open(&self.ctx);
+                s.open(&self.contexts[s.context].0);
             }
         }
     }
@@ -435,6 +447,23 @@ impl Poller {
             }
         }
         t
+    }
+
+    /// A context with room for one more subscriber (a new one when all are full).
+    fn pick_context(&mut self) -> usize {
+        let i = match self
+            .contexts
+            .iter()
+            .position(|(_, n)| *n < SUBS_PER_CONTEXT)
+        {
+            Some(i) => i,
+            None => {
+                self.contexts.push((zmq::Context::new(), 0));
+                self.contexts.len() - 1
+            }
+        };
+        self.contexts[i].1 += 1;
+        i
     }
 
     /// xorshift64*: jitter for backoffs.
