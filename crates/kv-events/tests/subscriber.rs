@@ -108,18 +108,39 @@ fn subscribe(hub: &Hub, p: &Publisher, replay: bool) -> Sink {
     }
 }
 
+/// Publishes seqs from `seq` on until one arrives: ZeroMQ has no acknowledgement of a
+/// subscription, so only a received message proves the PUB now sends to this SUB (later
+/// messages then arrive in order). Returns the next seq to publish.
+async fn prime(p: &mut Publisher, s: &mut Sink, mut seq: u64) -> u64 {
+    loop {
+        p.send(seq, &payload(seq));
+        seq += 1;
+        let got = tokio::time::timeout(Duration::from_millis(200), s.rx.recv()).await;
+        if let Ok(Some(ev)) = got {
+            let done = matches!(ev, SubscriberEvent::Delivery(Delivery::Batch(..)));
+            s.seen.push(ev);
+            if done {
+                // Anything already queued behind it (a replay may deliver several).
+                while let Ok(ev) = s.rx.try_recv() {
+                    s.seen.push(ev);
+                }
+                return seq;
+            }
+        }
+        assert!(seq < 100, "no message arrived: {:?}", s.seen);
+    }
+}
+
 #[tokio::test]
 async fn skipped_range_is_repaired_from_replay() {
     let hub = Hub::start().expect("hub");
     let mut p = Publisher::start(&[]);
     let mut s = subscribe(&hub, &p, true);
     s.live().await; // connected; the first replay found an empty buffer
-    p.send(0, &payload(0));
-    p.send(1, &payload(1));
-    s.batch(1).await;
-    p.skip(2, &payload(2)); // lost on the wire, kept in the replay buffer
-    p.skip(3, &payload(3));
-    p.send(4, &payload(4));
+    let n = prime(&mut p, &mut s, 0).await;
+    p.skip(n, &payload(n)); // lost on the wire, kept in the replay buffer
+    p.skip(n + 1, &payload(n + 1));
+    p.send(n + 2, &payload(n + 2));
     s.until("repaired gap", |e| {
         matches!(
             e,
@@ -127,11 +148,12 @@ async fn skipped_range_is_repaired_from_replay() {
         )
     })
     .await;
-    p.send(5, &payload(5));
-    s.batch(5).await;
-    assert_eq!(s.batches(), vec![0, 1, 2, 3, 4, 5]);
-    assert_eq!(s.gaps(), vec![(2, 3, true)]);
-    assert!(p.replays.contains(&2), "replayed from 2: {:?}", p.replays);
+    p.send(n + 3, &payload(n + 3));
+    s.batch(n + 3).await;
+    assert_eq!(s.batches(), (0..n + 4).collect::<Vec<u64>>());
+    assert!(s.gaps().contains(&(n, n + 1, true)), "{:?}", s.gaps());
+    assert!(s.gaps().iter().all(|g| g.2), "nothing lost: {:?}", s.gaps());
+    assert!(p.replays.contains(&n), "replayed from {n}: {:?}", p.replays);
 }
 
 #[tokio::test]
@@ -140,15 +162,17 @@ async fn range_older_than_the_buffer_is_reported_unrepaired() {
     let mut p = Publisher::start(&["--buffer", "3"]);
     let mut s = subscribe(&hub, &p, true);
     s.live().await;
-    p.send(0, &payload(0));
-    s.batch(0).await;
-    for q in 1..=5 {
+    let n = prime(&mut p, &mut s, 0).await;
+    for q in n..n + 5 {
         p.skip(q, &payload(q));
     }
-    p.send(6, &payload(6));
-    s.batch(6).await;
-    assert_eq!(s.batches(), vec![0, 4, 5, 6]);
-    assert_eq!(s.gaps(), vec![(1, 3, false)]);
+    p.send(n + 5, &payload(n + 5));
+    s.batch(n + 5).await;
+    // The buffer (3 batches) holds only n+3..=n+5 when the replay from n is asked.
+    let got = s.batches();
+    assert_eq!(&got[got.len() - 3..], &[n + 3, n + 4, n + 5]);
+    assert!(!got.contains(&n) && !got.contains(&(n + 2)));
+    assert!(s.gaps().contains(&(n, n + 2, false)), "{:?}", s.gaps());
 }
 
 #[tokio::test]
@@ -160,10 +184,11 @@ async fn late_subscriber_learns_the_buffer_from_replay() {
     }
     let mut s = subscribe(&hub, &p, true);
     s.live().await;
-    p.send(3, &payload(3));
-    s.batch(3).await;
-    assert_eq!(s.batches(), vec![0, 1, 2, 3]);
-    assert!(s.gaps().is_empty(), "{:?}", s.gaps());
+    // The replay on connect delivered 0..=2 before Live.
+    assert_eq!(s.batches(), vec![0, 1, 2]);
+    let n = prime(&mut p, &mut s, 3).await;
+    assert_eq!(s.batches(), (0..n).collect::<Vec<u64>>());
+    assert!(s.gaps().iter().all(|g| g.2), "{:?}", s.gaps());
 }
 
 #[tokio::test]
@@ -172,29 +197,34 @@ async fn publisher_restarted_on_the_same_port_is_reconnected_and_reported() {
     let mut p = Publisher::start(&[]);
     let mut s = subscribe(&hub, &p, true);
     s.live().await;
-    for q in 0..5 {
-        p.send(q, &payload(q));
-    }
-    s.batch(4).await;
+    let n = prime(&mut p, &mut s, 0).await;
     p.cmd(r#"{"op":"restart"}"#);
     s.until("Disconnected", |e| *e == SubscriberEvent::Disconnected)
         .await;
     s.until("Connected again", |e| *e == SubscriberEvent::Connected)
         .await;
     s.live().await;
-    p.send(0, &payload(0));
-    p.send(1, &payload(1));
-    let got = s
-        .until("batch 1 of the new engine", |e| is_batch(e, 1))
-        .await;
+    // The new engine counts from 0 again.
+    let m = prime(&mut p, &mut s, 0).await;
+    p.send(m, &payload(m));
+    s.batch(m).await;
     assert!(
-        got.iter().any(|e| matches!(
+        s.seen.iter().any(|e| matches!(
             e,
-            SubscriberEvent::Delivery(Delivery::Restarted { last: 4, .. })
+            SubscriberEvent::Delivery(Delivery::Restarted { last, .. }) if *last == n - 1
         )),
-        "{got:?}"
+        "{:?}",
+        s.seen
     );
-    assert_eq!(s.batches(), vec![0, 1, 2, 3, 4, 0, 1]);
+    // After the restart, the new engine's batches from 0 on (live or replayed), in order.
+    let got = s.batches();
+    let restart_at = got
+        .iter()
+        .position(|&q| q == 0 && got[0] == 0)
+        .map(|_| n as usize);
+    assert_eq!(restart_at, Some(n as usize));
+    assert_eq!(&got[..n as usize], (0..n).collect::<Vec<u64>>().as_slice());
+    assert_eq!(&got[n as usize..], (0..=m).collect::<Vec<u64>>().as_slice());
 }
 
 #[tokio::test]
@@ -206,13 +236,12 @@ async fn malformed_frames_are_counted_and_skipped() {
         *e == SubscriberEvent::State(SubscriberState::Live)
     })
     .await;
-    p.send(0, &payload(0));
-    s.batch(0).await;
-    p.raw(&[b"kv-events", &[0u8; 7], &payload(1)]); // 7-byte seq
-    p.raw(&[b"kv-events", &1u64.to_be_bytes()]); // two frames
-    p.raw(&[b"kv-events", &1u64.to_be_bytes(), b"\xc1 not msgpack"]); // garbage payload
-    p.send(2, &payload(2));
-    s.batch(2).await;
+    let n = prime(&mut p, &mut s, 0).await;
+    p.raw(&[b"kv-events", &[0u8; 7], &payload(n)]); // 7-byte seq
+    p.raw(&[b"kv-events", &n.to_be_bytes()]); // two frames
+    p.raw(&[b"kv-events", &n.to_be_bytes(), b"\xc1 not msgpack"]); // garbage payload
+    p.send(n + 1, &payload(n + 1));
+    s.batch(n + 1).await;
     let bad: Vec<&FrameError> = s
         .seen
         .iter()
@@ -224,9 +253,10 @@ async fn malformed_frames_are_counted_and_skipped() {
     assert_eq!(bad.len(), 2, "{:?}", s.seen);
     assert_eq!(*bad[0], FrameError::SeqLength(7));
     assert!(matches!(bad[1], FrameError::FrameCount { got: 2, .. }));
-    assert!(s.seen.iter().any(|e| matches!(
-        e,
-        SubscriberEvent::Delivery(Delivery::Malformed { seq: 1, .. })
-    )));
-    assert_eq!(s.batches(), vec![0, 2]);
+    assert!(s.seen.iter().any(
+        |e| matches!(e, SubscriberEvent::Delivery(Delivery::Malformed { seq, .. }) if *seq == n)
+    ));
+    let got = s.batches();
+    assert_eq!(got.last(), Some(&(n + 1)), "the subscriber kept going");
+    assert!(!got.contains(&n), "the garbage batch is skipped");
 }

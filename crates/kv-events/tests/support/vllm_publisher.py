@@ -24,10 +24,22 @@ import argparse
 import collections
 import json
 import sys
+import time
 
 import zmq
 
 END = b"\xff" * 8
+
+
+def bind_retrying(sock, port):
+    for attempt in range(300):
+        try:
+            sock.bind("tcp://127.0.0.1:%d" % port)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or attempt == 299:
+                raise
+            time.sleep(0.01)
 
 
 def main():
@@ -49,8 +61,9 @@ def main():
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         if ports["pub"]:
-            pub.bind("tcp://127.0.0.1:%d" % ports["pub"])
-            router.bind("tcp://127.0.0.1:%d" % ports["replay"])
+            # libzmq closes the old listeners asynchronously: the ports may take a moment.
+            bind_retrying(pub, ports["pub"])
+            bind_retrying(router, ports["replay"])
         else:
             pub.bind("tcp://127.0.0.1:*")
             router.bind("tcp://127.0.0.1:*")
