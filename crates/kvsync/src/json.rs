@@ -3,7 +3,7 @@
 //! "lora_id","lora_name","medium","group_idx"}`; integer hashes are JSON integers, byte hashes
 //! `"0x…"` strings, absent fields `null`.
 
-use kv_events::{BlockHash, Event, EventBatch, Medium};
+use kv_events::{BlockHash, Delivery, Event, EventBatch, Medium};
 use serde_json::{json, Value};
 
 fn hash(h: &BlockHash) -> Value {
@@ -59,6 +59,23 @@ pub fn event_lines(seq: u64, batch: &EventBatch) -> Vec<Value> {
             v
         })
         .collect()
+}
+
+/// The lines of one subscriber delivery: a batch's events, or one line for a gap, a restart
+/// or a malformed batch.
+pub fn delivery_lines(d: &Delivery) -> Vec<Value> {
+    match d {
+        Delivery::Batch(seq, b) => event_lines(*seq, b),
+        Delivery::Gap { from, to, repaired } => {
+            vec![json!({"type": "Gap", "from": from, "to": to, "repaired": repaired})]
+        }
+        Delivery::Restarted { last, seq } => {
+            vec![json!({"type": "Restarted", "last": last, "seq": seq})]
+        }
+        Delivery::Malformed { seq, error } => {
+            vec![json!({"type": "Malformed", "seq": seq, "error": error.to_string()})]
+        }
+    }
 }
 
 #[cfg(test)]
