@@ -385,6 +385,8 @@ impl Poller {
                         attempt: 0,
                         closed: false,
                     };
+                    // Announce the first state (`open` only reports changes).
+                    s.push(SubscriberEvent::State(s.state));
                     s.open(&self.contexts[context].0);
                     self.subs.push(s);
                 }

@@ -57,6 +57,13 @@ impl Sink {
             .await;
     }
 
+    /// Waits for batch `seq` unless it was already seen.
+    async fn have_batch(&mut self, seq: u64) {
+        if !self.seen.iter().any(|e| is_batch(e, seq)) {
+            self.batch(seq).await;
+        }
+    }
+
     async fn live(&mut self) {
         self.until("Live", |e| {
             *e == SubscriberEvent::State(SubscriberState::Live)
@@ -259,4 +266,120 @@ async fn malformed_frames_are_counted_and_skipped() {
     let got = s.batches();
     assert_eq!(got.last(), Some(&(n + 1)), "the subscriber kept going");
     assert!(!got.contains(&n), "the garbage batch is skipped");
+}
+
+#[tokio::test]
+async fn a_pod_not_up_yet_neither_blocks_nor_fails_and_is_joined_when_it_comes() {
+    let hub = Hub::start().expect("hub");
+    let (pub_port, replay_port) = (support::free_port(), support::free_port());
+    let (tx, rx) = mpsc::channel(1024);
+    let cfg = SubscriberConfig::new("early", format!("tcp://127.0.0.1:{pub_port}"))
+        .replay(format!("tcp://127.0.0.1:{replay_port}"));
+    hub.subscribe(cfg, tx); // returns at once: nothing listens on those ports yet
+    let mut s = Sink {
+        rx,
+        seen: Vec::new(),
+    };
+    s.until("Connecting", |e| {
+        *e == SubscriberEvent::State(SubscriberState::Connecting)
+    })
+    .await;
+    let (pp, rp) = (pub_port.to_string(), replay_port.to_string());
+    let mut p = Publisher::start(&["--ports", &pp, &rp]);
+    s.live().await;
+    let n = prime(&mut p, &mut s, 0).await;
+    assert_eq!(s.batches(), (0..n).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn publisher_killed_and_restarted_on_the_same_ports_is_rejoined() {
+    let hub = Hub::start().expect("hub");
+    let p = Publisher::start(&[]);
+    let ports = (p.pub_port.to_string(), p.replay_port.to_string());
+    let mut s = subscribe(&hub, &p, true);
+    s.live().await;
+    let mut p = p;
+    let n = prime(&mut p, &mut s, 0).await;
+    p.kill();
+    s.until("Disconnected", |e| *e == SubscriberEvent::Disconnected)
+        .await;
+    let mut p = Publisher::start(&["--ports", &ports.0, &ports.1]);
+    s.until("Connected again", |e| *e == SubscriberEvent::Connected)
+        .await;
+    s.live().await;
+    let m = prime(&mut p, &mut s, 0).await;
+    // Seqs the new engine sent before the subscription got through come back by replay.
+    s.have_batch(m - 1).await;
+    assert!(
+        s.seen.iter().any(|e| matches!(
+            e,
+            SubscriberEvent::Delivery(Delivery::Restarted { last, .. }) if *last == n - 1
+        )),
+        "{:?}",
+        s.seen
+    );
+    let got = s.batches();
+    assert_eq!(&got[n as usize..], (0..m).collect::<Vec<u64>>().as_slice());
+}
+
+#[tokio::test]
+async fn a_publisher_that_stops_answering_is_detected_by_heartbeats() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let (tx, rx) = mpsc::channel(1024);
+    let mut cfg = SubscriberConfig::new("hb", p.endpoint());
+    cfg.heartbeat = Duration::from_millis(100);
+    hub.subscribe(cfg, tx);
+    let mut s = Sink {
+        rx,
+        seen: Vec::new(),
+    };
+    s.live().await;
+    prime(&mut p, &mut s, 0).await;
+    // Frozen, not closed: the TCP connection stays up, only heartbeats can tell.
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &p.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stop.success());
+    s.until("Disconnected", |e| *e == SubscriberEvent::Disconnected)
+        .await;
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &p.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(cont.success());
+    s.until("Connected again", |e| *e == SubscriberEvent::Connected)
+        .await;
+}
+
+#[tokio::test]
+async fn batches_of_another_data_parallel_rank_are_refused() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let (tx, rx) = mpsc::channel(1024);
+    let mut cfg = SubscriberConfig::new("rank1", p.endpoint());
+    cfg.dp_rank = Some(1); // the test payloads carry rank 0
+    hub.subscribe(cfg, tx);
+    let mut s = Sink {
+        rx,
+        seen: Vec::new(),
+    };
+    s.live().await;
+    let mut seq = 0;
+    loop {
+        p.send(seq, &payload(seq));
+        seq += 1;
+        let got = tokio::time::timeout(Duration::from_millis(200), s.rx.recv()).await;
+        if let Ok(Some(ev)) = got {
+            s.seen.push(ev.clone());
+            // Before it may come a gap for what the slow join lost (no replay socket here).
+            if let SubscriberEvent::RankMismatch { seq: q, got } = ev {
+                assert!(q < seq && got == 0, "seq {q} carried rank {got}");
+                break;
+            }
+        }
+        assert!(seq < 100, "nothing arrived: {:?}", s.seen);
+    }
+    assert!(s.batches().is_empty());
 }

@@ -119,6 +119,19 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// The publisher's process id (to stop or continue it with signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process at once (no goodbye on any socket).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Publisher {
     fn drop(&mut self) {
         let _ = writeln!(self.stdin, r#"{{"op":"quit"}}"#);

@@ -17,7 +17,7 @@ can skip, repeat and restart sequences and send malformed frames:
 It prints "ready PUB_PORT REPLAY_PORT" once bound, "ok" after each command, and
 "replay FROM" when it answers a replay request.
 Arguments: --buffer N (replay buffer, default 10000), --topic T, --replay-topic (send the
-topic frame in replies, vLLM >= 0.26).
+topic frame in replies, vLLM >= 0.26), --ports PUB REPLAY (bind these instead of free ones).
 """
 
 import argparse
@@ -47,11 +47,15 @@ def main():
     ap.add_argument("--buffer", type=int, default=10000)
     ap.add_argument("--topic", default="kv-events")
     ap.add_argument("--replay-topic", action="store_true")
+    ap.add_argument("--ports", type=int, nargs=2, metavar=("PUB", "REPLAY"),
+                    help="bind these ports (default: any free ones)")
     args = ap.parse_args()
     topic = args.topic.encode()
     ctx = zmq.Context()
     buf = collections.deque(maxlen=args.buffer)
     ports = {"pub": 0, "replay": 0}
+    if args.ports:
+        ports["pub"], ports["replay"] = args.ports
     socks = {}
     muted = {"on": False}
 
