@@ -20,7 +20,7 @@
 use crate::frames::{parse_live, parse_replay, replay_request, FrameError, ReplayMessage};
 use crate::sequencer::{Action, Delivery, Sequencer};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -106,6 +106,7 @@ impl SubscriberConfig {
 
 /// A subscriber's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum SubscriberState {
     /// Sockets open, waiting for the TCP connection (libzmq retries by itself).
     Connecting,
@@ -139,8 +140,55 @@ pub enum SubscriberEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SubscriptionId(u64);
 
+/// Live counters of one subscriber, updated by the poller thread: the metrics surface (the
+/// service exports them; a state change is also one log line).
+#[derive(Debug, Default)]
+pub struct SubscriberCounters {
+    /// The current [`SubscriberState`] as `state as u8`.
+    pub state: AtomicU8,
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub replays_requested: AtomicU64,
+    pub replays_completed: AtomicU64,
+    pub replays_failed: AtomicU64,
+    pub batches: AtomicU64,
+    pub gaps_repaired: AtomicU64,
+    /// Batches reported lost (the sum of unrepaired gap lengths).
+    pub batches_lost: AtomicU64,
+    pub restarts: AtomicU64,
+    pub malformed: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub rank_mismatches: AtomicU64,
+    /// Seq of the last batch delivered, plus one (0: none yet).
+    pub next_seq: AtomicU64,
+}
+
+impl SubscriberCounters {
+    pub fn state(&self) -> SubscriberState {
+        match self.state.load(Relaxed) {
+            0 => SubscriberState::Connecting,
+            1 => SubscriberState::Live,
+            2 => SubscriberState::Replaying,
+            3 => SubscriberState::BackingOff,
+            _ => SubscriberState::Stopped,
+        }
+    }
+}
+
+/// A subscription: its id (to unsubscribe) and its counters.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: SubscriptionId,
+    pub counters: Arc<SubscriberCounters>,
+}
+
 enum Command {
-    Add(u64, Box<SubscriberConfig>, tmpsc::Sender<SubscriberEvent>),
+    Add(
+        u64,
+        Box<SubscriberConfig>,
+        tmpsc::Sender<SubscriberEvent>,
+        Arc<SubscriberCounters>,
+    ),
     Remove(u64),
     Shutdown,
 }
@@ -215,10 +263,14 @@ impl Hub {
         &self,
         cfg: SubscriberConfig,
         sink: tmpsc::Sender<SubscriberEvent>,
-    ) -> SubscriptionId {
+    ) -> Subscription {
         let id = self.next_id.fetch_add(1, Relaxed);
-        self.send(Command::Add(id, Box::new(cfg), sink));
-        SubscriptionId(id)
+        let counters = Arc::new(SubscriberCounters::default());
+        self.send(Command::Add(id, Box::new(cfg), sink, counters.clone()));
+        Subscription {
+            id: SubscriptionId(id),
+            counters,
+        }
     }
 
     /// Stops a subscription: its sockets close and its sink gets `State(Stopped)`.
@@ -258,6 +310,7 @@ struct Sockets {
 
 struct Sub {
     id: u64,
+    counters: Arc<SubscriberCounters>,
     /// Index of its context in `Poller::contexts`.
     context: usize,
     cfg: SubscriberConfig,
@@ -362,7 +415,7 @@ impl Poller {
     fn drain_commands(&mut self) -> bool {
         while let Ok(c) = self.commands.try_recv() {
             match c {
-                Command::Add(id, cfg, sink) => {
+                Command::Add(id, cfg, sink, counters) => {
                     let mut seq = Sequencer::new(cfg.replay_endpoint.is_some(), cfg.max_held);
                     if let Some(n) = cfg.from_seq {
                         seq.resume_at(n);
@@ -370,6 +423,7 @@ impl Poller {
                     let context = self.pick_context();
                     let mut s = Sub {
                         id,
+                        counters,
                         context,
                         cfg: *cfg,
                         sink,
@@ -409,6 +463,7 @@ impl Poller {
                 s.replay_deadline = None;
                 let mut out = Vec::new();
                 s.seq.on_replay_timeout(&mut out);
+                s.counters.replays_failed.fetch_add(1, Relaxed);
                 tracing::warn!(subscriber = %s.cfg.name, "replay timed out");
                 s.emit_deliveries(out);
                 s.set_state(SubscriberState::Live);
@@ -548,6 +603,7 @@ impl Sub {
         if self.state != state {
             tracing::info!(subscriber = %self.cfg.name, from = ?self.state, to = ?state, "subscriber state");
             self.state = state;
+            self.counters.state.store(state as u8, Relaxed);
             self.push(SubscriberEvent::State(state));
         }
     }
@@ -578,6 +634,7 @@ impl Sub {
 
     fn disconnected(&mut self) {
         self.connected = false;
+        self.counters.disconnects.fetch_add(1, Relaxed);
         self.push(SubscriberEvent::Disconnected);
     }
 
@@ -593,6 +650,7 @@ impl Sub {
                 .map(|b| u16::from_le_bytes([b[0], b[1]]));
             if event == Some(zmq::SocketEvent::CONNECTED as u16) {
                 self.connected = true;
+                self.counters.connects.fetch_add(1, Relaxed);
                 self.attempt = 0;
                 self.last_message = Instant::now();
                 self.push(SubscriberEvent::Connected);
@@ -617,11 +675,13 @@ impl Sub {
             .map(|d| d.send_multipart(replay_request(from), zmq::DONTWAIT));
         match sent {
             Some(Ok(())) => {
+                self.counters.replays_requested.fetch_add(1, Relaxed);
                 tracing::debug!(subscriber = %self.cfg.name, from, "replay requested");
                 self.replay_deadline = Some(Instant::now() + self.cfg.replay_timeout);
                 self.set_state(SubscriberState::Replaying);
             }
             _ => {
+                self.counters.replays_failed.fetch_add(1, Relaxed);
                 // Not connected to the replay socket: what the replay would give is lost.
                 let mut out = Vec::new();
                 self.seq.on_replay_timeout(&mut out);
@@ -645,6 +705,7 @@ impl Sub {
             let action = match parse_live(&frames) {
                 Ok(m) => self.seq.on_live(m.seq, m.payload, &mut out),
                 Err(e) => {
+                    self.counters.bad_frames.fetch_add(1, Relaxed);
                     self.push(SubscriberEvent::BadFrame(e));
                     None
                 }
@@ -672,6 +733,7 @@ impl Sub {
                 }
                 Ok(ReplayMessage::End) => {
                     if self.seq.is_replaying() {
+                        self.counters.replays_completed.fetch_add(1, Relaxed);
                         self.replay_deadline = None;
                         self.seq.on_replay_end(&mut out);
                         self.emit_deliveries(out);
@@ -680,7 +742,10 @@ impl Sub {
                         continue;
                     }
                 }
-                Err(e) => self.push(SubscriberEvent::BadFrame(e)),
+                Err(e) => {
+                    self.counters.bad_frames.fetch_add(1, Relaxed);
+                    self.push(SubscriberEvent::BadFrame(e));
+                }
             }
             self.emit_deliveries(out);
             self.flush();
@@ -688,14 +753,36 @@ impl Sub {
     }
 
     fn emit_deliveries(&mut self, out: Vec<Delivery>) {
+        let c = &self.counters;
         for d in out {
-            if let (Delivery::Batch(seq, b), Some(want)) = (&d, self.cfg.dp_rank) {
-                if let Some(got) = b.data_parallel_rank.filter(|g| *g != want) {
-                    self.push(SubscriberEvent::RankMismatch { seq: *seq, got });
-                    continue;
+            match &d {
+                Delivery::Batch(seq, b) => {
+                    c.next_seq.store(seq + 1, Relaxed);
+                    if let Some(got) = b
+                        .data_parallel_rank
+                        .filter(|g| self.cfg.dp_rank.is_some_and(|want| *g != want))
+                    {
+                        c.rank_mismatches.fetch_add(1, Relaxed);
+                        self.outbox
+                            .push_back(SubscriberEvent::RankMismatch { seq: *seq, got });
+                        continue;
+                    }
+                    c.batches.fetch_add(1, Relaxed);
+                }
+                Delivery::Gap { repaired: true, .. } => {
+                    c.gaps_repaired.fetch_add(1, Relaxed);
+                }
+                Delivery::Gap { from, to, .. } => {
+                    c.batches_lost.fetch_add(to - from + 1, Relaxed);
+                }
+                Delivery::Restarted { .. } => {
+                    c.restarts.fetch_add(1, Relaxed);
+                }
+                Delivery::Malformed { .. } => {
+                    c.malformed.fetch_add(1, Relaxed);
                 }
             }
-            self.push(SubscriberEvent::Delivery(d));
+            self.outbox.push_back(SubscriberEvent::Delivery(d));
         }
     }
 }

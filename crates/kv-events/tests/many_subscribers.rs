@@ -53,7 +53,7 @@ async fn subscribers_256_keep_threads_and_descriptors_bounded() {
         let (tx, rx) = mpsc::channel(64);
         let cfg =
             SubscriberConfig::new(format!("sub-{i}"), p.endpoint()).replay(p.replay_endpoint());
-        ids.push(hub.subscribe(cfg, tx));
+        ids.push(hub.subscribe(cfg, tx).id);
         sinks.push(rx);
     }
     for rx in &mut sinks {

@@ -5,8 +5,10 @@ mod support;
 
 use kv_events::{
     encode, BlockHash, BlockStored, Delivery, Event, EventBatch, FrameError, Hub, SubscriberConfig,
-    SubscriberEvent, SubscriberState, WireFormat,
+    SubscriberCounters, SubscriberEvent, SubscriberState, WireFormat,
 };
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 use support::Publisher;
 use tokio::sync::mpsc;
@@ -28,6 +30,7 @@ fn payload(seq: u64) -> Vec<u8> {
 struct Sink {
     rx: mpsc::Receiver<SubscriberEvent>,
     seen: Vec<SubscriberEvent>,
+    counters: Arc<SubscriberCounters>,
 }
 
 impl Sink {
@@ -108,10 +111,11 @@ fn subscribe(hub: &Hub, p: &Publisher, replay: bool) -> Sink {
         cfg = cfg.replay(p.replay_endpoint());
     }
     cfg.replay_timeout = Duration::from_secs(5);
-    hub.subscribe(cfg, tx);
+    let counters = hub.subscribe(cfg, tx).counters;
     Sink {
         rx,
         seen: Vec::new(),
+        counters,
     }
 }
 
@@ -161,6 +165,16 @@ async fn skipped_range_is_repaired_from_replay() {
     assert!(s.gaps().contains(&(n, n + 1, true)), "{:?}", s.gaps());
     assert!(s.gaps().iter().all(|g| g.2), "nothing lost: {:?}", s.gaps());
     assert!(p.replays.contains(&n), "replayed from {n}: {:?}", p.replays);
+    let c = &s.counters;
+    assert_eq!(c.batches.load(Relaxed), n + 4);
+    assert_eq!(c.gaps_repaired.load(Relaxed), 1);
+    assert_eq!(c.batches_lost.load(Relaxed), 0);
+    assert_eq!(c.next_seq.load(Relaxed), n + 4);
+    assert!(
+        c.replays_requested.load(Relaxed) >= 2,
+        "on connect and for the gap"
+    );
+    assert_eq!(c.state(), SubscriberState::Live);
 }
 
 #[tokio::test]
@@ -266,6 +280,8 @@ async fn malformed_frames_are_counted_and_skipped() {
     let got = s.batches();
     assert_eq!(got.last(), Some(&(n + 1)), "the subscriber kept going");
     assert!(!got.contains(&n), "the garbage batch is skipped");
+    assert_eq!(s.counters.bad_frames.load(Relaxed), 2);
+    assert_eq!(s.counters.malformed.load(Relaxed), 1);
 }
 
 #[tokio::test]
@@ -275,10 +291,12 @@ async fn a_pod_not_up_yet_neither_blocks_nor_fails_and_is_joined_when_it_comes()
     let (tx, rx) = mpsc::channel(1024);
     let cfg = SubscriberConfig::new("early", format!("tcp://127.0.0.1:{pub_port}"))
         .replay(format!("tcp://127.0.0.1:{replay_port}"));
-    hub.subscribe(cfg, tx); // returns at once: nothing listens on those ports yet
+    // Returns at once: nothing listens on those ports yet.
+    let counters = hub.subscribe(cfg, tx).counters;
     let mut s = Sink {
         rx,
         seen: Vec::new(),
+        counters,
     };
     s.until("Connecting", |e| {
         *e == SubscriberEvent::State(SubscriberState::Connecting)
@@ -329,10 +347,11 @@ async fn a_publisher_that_stops_answering_is_detected_by_heartbeats() {
     let (tx, rx) = mpsc::channel(1024);
     let mut cfg = SubscriberConfig::new("hb", p.endpoint());
     cfg.heartbeat = Duration::from_millis(100);
-    hub.subscribe(cfg, tx);
+    let counters = hub.subscribe(cfg, tx).counters;
     let mut s = Sink {
         rx,
         seen: Vec::new(),
+        counters,
     };
     s.live().await;
     prime(&mut p, &mut s, 0).await;
@@ -360,10 +379,11 @@ async fn batches_of_another_data_parallel_rank_are_refused() {
     let (tx, rx) = mpsc::channel(1024);
     let mut cfg = SubscriberConfig::new("rank1", p.endpoint());
     cfg.dp_rank = Some(1); // the test payloads carry rank 0
-    hub.subscribe(cfg, tx);
+    let counters = hub.subscribe(cfg, tx).counters;
     let mut s = Sink {
         rx,
         seen: Vec::new(),
+        counters,
     };
     s.live().await;
     let mut seq = 0;
