@@ -120,12 +120,16 @@ fn is_batch(e: &SubscriberEvent, seq: u64) -> bool {
 }
 
 fn subscribe(hub: &Hub, p: &Publisher, replay: bool) -> Sink {
-    let (tx, rx) = mpsc::channel(1024);
     let mut cfg = SubscriberConfig::new("test", p.endpoint());
     if replay {
         cfg = cfg.replay(p.replay_endpoint());
     }
     cfg.replay_timeout = Duration::from_secs(5);
+    sink_for(hub, cfg)
+}
+
+fn sink_for(hub: &Hub, cfg: SubscriberConfig) -> Sink {
+    let (tx, rx) = mpsc::channel(1024);
     let counters = hub.subscribe(cfg, tx).counters;
     Sink {
         rx,
@@ -287,16 +291,10 @@ async fn malformed_frames_are_counted_and_skipped() {
 async fn a_pod_not_up_yet_neither_blocks_nor_fails_and_is_joined_when_it_comes() {
     let hub = Hub::start().expect("hub");
     let (pub_port, replay_port) = (support::free_port(), support::free_port());
-    let (tx, rx) = mpsc::channel(1024);
     let cfg = SubscriberConfig::new("early", format!("tcp://127.0.0.1:{pub_port}"))
         .replay(format!("tcp://127.0.0.1:{replay_port}"));
     // Returns at once: nothing listens on those ports yet.
-    let counters = hub.subscribe(cfg, tx).counters;
-    let mut s = Sink {
-        rx,
-        seen: Vec::new(),
-        counters,
-    };
+    let mut s = sink_for(&hub, cfg);
     s.until("Connecting", |e| {
         *e == SubscriberEvent::State(SubscriberState::Connecting)
     })
@@ -334,15 +332,9 @@ async fn publisher_killed_and_restarted_on_the_same_ports_is_rejoined() {
 async fn a_publisher_that_stops_answering_is_detected_by_heartbeats() {
     let hub = Hub::start().expect("hub");
     let mut p = Publisher::start(&[]);
-    let (tx, rx) = mpsc::channel(1024);
     let mut cfg = SubscriberConfig::new("hb", p.endpoint());
     cfg.heartbeat = Duration::from_millis(100);
-    let counters = hub.subscribe(cfg, tx).counters;
-    let mut s = Sink {
-        rx,
-        seen: Vec::new(),
-        counters,
-    };
+    let mut s = sink_for(&hub, cfg);
     s.live().await;
     prime(&mut p, &mut s, 0).await;
     // Frozen, not closed: the TCP connection stays up, only heartbeats can tell.
@@ -366,15 +358,9 @@ async fn a_publisher_that_stops_answering_is_detected_by_heartbeats() {
 async fn batches_of_another_data_parallel_rank_are_refused() {
     let hub = Hub::start().expect("hub");
     let mut p = Publisher::start(&[]);
-    let (tx, rx) = mpsc::channel(1024);
     let mut cfg = SubscriberConfig::new("rank1", p.endpoint());
     cfg.dp_rank = Some(1); // the test payloads carry rank 0
-    let counters = hub.subscribe(cfg, tx).counters;
-    let mut s = Sink {
-        rx,
-        seen: Vec::new(),
-        counters,
-    };
+    let mut s = sink_for(&hub, cfg);
     s.live().await;
     let mut seq = 0;
     loop {
