@@ -10,4 +10,6 @@
 //!
 //! So far: the JSON-lines view of events that `tap` and `capture` print.
 
+pub mod config;
 pub mod json;
+pub mod pods;
