@@ -12,4 +12,6 @@
 
 pub mod config;
 pub mod json;
+pub mod manager;
 pub mod pods;
+pub mod source;

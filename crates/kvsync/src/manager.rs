@@ -1,0 +1,460 @@
+//! The KV event manager: keeps exactly one subscription per eligible pod and data-parallel
+//! rank, feeds each one's events to the index in order, and cleans up when pods go.
+//!
+//! ```text
+//!  PodStream ──handle()──▶ pods: key → incarnation (uid, restarts, target)
+//!                              │ new incarnation: stop the old run, start one task per rank
+//!                              ▼
+//!  worker task (pod, rank): wait for the previous task of that worker ─▶ per-pod backoff
+//!      ─▶ hub.subscribe ─▶ apply batches in order; Gap{lost} / Restarted ─▶ clear the worker
+//!      ─▶ on stop: unsubscribe, then every block of the worker leaves the index at once
+//! ```
+//!
+//! The pod event path never waits on a socket: subscribing returns at once and each run lives
+//! in its own task, owned by the manager's `TaskTracker` and stopped by its token.
+
+use crate::pods::{self, PodInfo, Target};
+use crate::source::{PodEvent, PodStream};
+use futures::StreamExt;
+use kv_events::{Backoff, Delivery, Hub, SubscriberConfig, SubscriberEvent};
+use prefix_index::{Index, Source, WorkerId};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex as AsyncMutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Settings of the manager and of the subscribers it creates.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub replay_timeout: Duration,
+    pub heartbeat: Duration,
+    pub reconnect: Backoff,
+    /// Delay before subscribing to a pod that changed incarnation again within `churn_window`.
+    pub churn_backoff: Backoff,
+    pub churn_window: Duration,
+    /// Capacity of each subscriber's channel.
+    pub sink_capacity: usize,
+    /// Bad input is logged at most once per worker per this interval (and always counted).
+    pub log_interval: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            replay_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
+            reconnect: Backoff::default(),
+            churn_backoff: Backoff {
+                start: Duration::from_millis(500),
+                cap: Duration::from_secs(30),
+                factor: 2.0,
+            },
+            churn_window: Duration::from_secs(30),
+            sink_capacity: 1024,
+            log_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters (the service exports them as metrics).
+#[derive(Debug, Default)]
+pub struct ManagerStats {
+    pub pods_known: AtomicU64,
+    pub pods_eligible: AtomicU64,
+    /// Worker tasks alive (subscribed, waiting or cleaning up).
+    pub workers_running: AtomicU64,
+    pub subscriptions_started: AtomicU64,
+    pub batches_applied: AtomicU64,
+    pub events_applied: AtomicU64,
+    pub events_rejected: AtomicU64,
+    /// Workers cleared after an unrepaired gap or an engine restart.
+    pub resets: AtomicU64,
+    pub gaps_repaired: AtomicU64,
+    pub batches_lost: AtomicU64,
+    pub restarts: AtomicU64,
+    pub malformed: AtomicU64,
+    pub bad_frames: AtomicU64,
+}
+
+/// A pod as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    pub info: PodInfo,
+    /// Whether it has subscriptions (KV sync on and eligible).
+    pub subscribed: bool,
+}
+
+/// The manager's shared view of pods, for the API.
+pub type PodTable = Arc<parking_lot::RwLock<BTreeMap<String, PodView>>>;
+
+struct Run {
+    incarnation: (String, i64, Target),
+    cancel: CancellationToken,
+}
+
+struct Entry {
+    scope: usize,
+    run: Option<Run>,
+    churn: u32,
+    last_start: Option<Instant>,
+}
+
+/// See the module doc.
+pub struct Manager {
+    cfg: ManagerConfig,
+    index: Arc<Index>,
+    hub: Option<Arc<Hub>>,
+    entries: HashMap<String, Entry>,
+    relisting: HashMap<usize, HashSet<String>>,
+    listed_scopes: HashSet<usize>,
+    locks: HashMap<WorkerId, Arc<AsyncMutex<()>>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    stats: Arc<ManagerStats>,
+    pods: PodTable,
+    ready: tokio::sync::watch::Sender<bool>,
+    rng: u64,
+}
+
+impl Manager {
+    /// `hub`: None when KV sync is off (then no socket and no task is ever created; pods are
+    /// still tracked for routing).
+    pub fn new(cfg: ManagerConfig, index: Arc<Index>, hub: Option<Arc<Hub>>) -> Manager {
+        Manager {
+            cfg,
+            index,
+            hub,
+            entries: HashMap::new(),
+            relisting: HashMap::new(),
+            listed_scopes: HashSet::new(),
+            locks: HashMap::new(),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            stats: Arc::new(ManagerStats::default()),
+            pods: PodTable::default(),
+            ready: tokio::sync::watch::channel(false).0,
+            rng: 0x2545_f491_4f6c_dd1d,
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ManagerStats> {
+        self.stats.clone()
+    }
+
+    pub fn pods(&self) -> PodTable {
+        self.pods.clone()
+    }
+
+    /// Becomes true once the first complete pod list of every scope has been applied.
+    pub fn ready(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// The task tracker (its `len()` is the number of worker tasks alive).
+    pub fn tracker(&self) -> TaskTracker {
+        self.tracker.clone()
+    }
+
+    /// Runs until `shutdown` or the end of `events` (`scopes`: how many scopes the source has,
+    /// for readiness); then stops every worker and waits for them.
+    pub async fn run(mut self, mut events: PodStream, scopes: usize, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                ev = events.next() => match ev {
+                    Some((scope, ev)) => {
+                        self.handle(scope, ev);
+                        if !*self.ready.borrow() && self.listed_scopes.len() >= scopes {
+                            let _ = self.ready.send(true);
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        self.stop().await;
+    }
+
+    /// Stops every worker (their blocks leave the index) and waits for all tasks.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for e in self.entries.values_mut() {
+            if let Some(r) = e.run.take() {
+                r.cancel.cancel();
+            }
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Applies one pod event. Idempotent; never blocks.
+    pub fn handle(&mut self, scope: usize, ev: PodEvent) {
+        match ev {
+            PodEvent::Init => {
+                self.relisting.insert(scope, HashSet::new());
+            }
+            PodEvent::InitApply(p) => {
+                let key = pods::key_of(&p);
+                if let Some(seen) = self.relisting.get_mut(&scope) {
+                    seen.insert(key);
+                }
+                self.upsert(scope, &p);
+            }
+            PodEvent::InitDone => {
+                let seen = self.relisting.remove(&scope).unwrap_or_default();
+                let gone: Vec<String> = self
+                    .entries
+                    .iter()
+                    .filter(|(k, e)| e.scope == scope && !seen.contains(*k))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in gone {
+                    self.remove(&k);
+                }
+                self.listed_scopes.insert(scope);
+            }
+            PodEvent::Apply(p) => self.upsert(scope, &p),
+            PodEvent::Delete(p) => self.remove(&pods::key_of(&p)),
+        }
+        self.stats
+            .pods_known
+            .store(self.entries.len() as u64, Relaxed);
+        self.stats.pods_eligible.store(
+            self.pods.read().values().filter(|v| v.info.target.is_ok()).count() as u64,
+            Relaxed,
+        );
+    }
+
+    fn upsert(&mut self, scope: usize, pod: &k8s_openapi::api::core::v1::Pod) {
+        let info = pods::info(pod);
+        let key = info.key.clone();
+        let incarnation = info.incarnation();
+        let entry = self.entries.entry(key.clone()).or_insert(Entry {
+            scope,
+            run: None,
+            churn: 0,
+            last_start: None,
+        });
+        entry.scope = scope;
+        let same = match (&entry.run, &incarnation) {
+            (Some(r), Some(i)) => &r.incarnation == i,
+            (None, None) => true,
+            _ => false,
+        };
+        let mut start = None;
+        if !same {
+            if let Some(old) = entry.run.take() {
+                tracing::info!(pod = %key, "pod incarnation ended: unsubscribing");
+                old.cancel.cancel();
+            }
+            if let (Some(inc), true) = (incarnation, self.hub.is_some()) {
+                let now = Instant::now();
+                entry.churn = match entry.last_start {
+                    Some(t) if now.duration_since(t) < self.cfg.churn_window => entry.churn + 1,
+                    _ => 0,
+                };
+                entry.last_start = Some(now);
+                start = Some((inc, entry.churn));
+            }
+        }
+        if let (Some((inc, churn)), Some(hub)) = (start, self.hub.clone()) {
+            let delay = if churn == 0 {
+                Duration::ZERO
+            } else {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.cfg.churn_backoff.delay(churn - 1, self.rng)
+            };
+            let cancel = self.shutdown.child_token();
+            for rank in 0..inc.2.dp_size {
+                self.spawn_worker(&key, &inc.2, rank, delay, cancel.clone(), hub.clone());
+            }
+            tracing::info!(pod = %key, ranks = inc.2.dp_size, ?delay, "subscribing");
+            if let Some(e) = self.entries.get_mut(&key) {
+                e.run = Some(Run {
+                    incarnation: inc,
+                    cancel,
+                });
+            }
+        }
+        let subscribed = self.entries.get(&key).is_some_and(|e| e.run.is_some());
+        self.pods
+            .write()
+            .insert(key, PodView { info, subscribed });
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(e) = self.entries.remove(key) {
+            if let Some(r) = e.run {
+                tracing::info!(pod = %key, "pod gone: unsubscribing");
+                r.cancel.cancel();
+            }
+        }
+        self.pods.write().remove(key);
+        // Locks of this pod's workers: tasks still running hold their own clones.
+        self.locks.retain(|w, _| w.pod != key);
+    }
+
+    fn spawn_worker(
+        &mut self,
+        key: &str,
+        t: &Target,
+        rank: u32,
+        delay: Duration,
+        cancel: CancellationToken,
+        hub: Arc<Hub>,
+    ) {
+        let worker = WorkerId::new(key, rank);
+        let lock = self.locks.entry(worker.clone()).or_default().clone();
+        let mut sub = SubscriberConfig::new(format!("{key} rank {rank}"), t.endpoint(rank))
+            .replay(t.replay_endpoint(rank));
+        sub.topic = t.topic.clone().into_bytes();
+        sub.dp_rank = Some(rank);
+        sub.replay_timeout = self.cfg.replay_timeout;
+        sub.heartbeat = self.cfg.heartbeat;
+        sub.backoff = self.cfg.reconnect;
+        let w = WorkerTask {
+            worker,
+            model: t.model.clone(),
+            lora: t.lora.clone(),
+            index: self.index.clone(),
+            stats: self.stats.clone(),
+            log_interval: self.cfg.log_interval,
+            capacity: self.cfg.sink_capacity,
+        };
+        self.tracker
+            .spawn(w.run(hub, sub, lock, delay, cancel));
+    }
+}
+
+struct WorkerTask {
+    worker: WorkerId,
+    model: String,
+    lora: Option<String>,
+    index: Arc<Index>,
+    stats: Arc<ManagerStats>,
+    log_interval: Duration,
+    capacity: usize,
+}
+
+impl WorkerTask {
+    async fn run(
+        self,
+        hub: Arc<Hub>,
+        sub: SubscriberConfig,
+        lock: Arc<AsyncMutex<()>>,
+        delay: Duration,
+        cancel: CancellationToken,
+    ) {
+        self.stats.workers_running.fetch_add(1, Relaxed);
+        // The previous incarnation's task of this worker finishes its cleanup first.
+        let guard = tokio::select! {
+            g = lock.lock_owned() => Some(g),
+            () = cancel.cancelled() => None,
+        };
+        if guard.is_some() && !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {},
+                () = cancel.cancelled() => {},
+            }
+        }
+        if guard.is_some() && !cancel.is_cancelled() {
+            self.subscribed(&hub, sub, &cancel).await;
+        }
+        // Every block of this incarnation leaves the index at once.
+        let removed = self.index.remove_worker(&self.worker);
+        tracing::debug!(worker = ?self.worker, removed, "worker stopped");
+        drop(guard);
+        self.stats.workers_running.fetch_sub(1, Relaxed);
+    }
+
+    async fn subscribed(&self, hub: &Hub, sub: SubscriberConfig, cancel: &CancellationToken) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(self.capacity);
+        let s = hub.subscribe(sub, tx);
+        self.stats.subscriptions_started.fetch_add(1, Relaxed);
+        let source = Source {
+            model: &self.model,
+            default_lora: self.lora.as_deref(),
+        };
+        let mut last_log: Option<Instant> = None;
+        let mut unlogged = 0u64;
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                () = cancel.cancelled() => break,
+            };
+            let Some(ev) = ev else { break };
+            let bad = match ev {
+                SubscriberEvent::Delivery(Delivery::Batch(_, batch)) => {
+                    for e in &batch.events {
+                        let a = self.index.apply(&self.worker, source, e);
+                        if a.rejected.is_some() {
+                            self.stats.events_rejected.fetch_add(1, Relaxed);
+                        } else {
+                            self.stats.events_applied.fetch_add(1, Relaxed);
+                        }
+                    }
+                    self.stats.batches_applied.fetch_add(1, Relaxed);
+                    None
+                }
+                SubscriberEvent::Delivery(Delivery::Gap {
+                    from,
+                    to,
+                    repaired: true,
+                }) => {
+                    self.stats.gaps_repaired.fetch_add(1, Relaxed);
+                    tracing::debug!(worker = ?self.worker, from, to, "gap repaired by replay");
+                    None
+                }
+                SubscriberEvent::Delivery(Delivery::Gap { from, to, .. }) => {
+                    self.stats.batches_lost.fetch_add(to - from + 1, Relaxed);
+                    self.reset(&format!("batches {from}..={to} lost"));
+                    None
+                }
+                SubscriberEvent::Delivery(Delivery::Restarted { last, seq }) => {
+                    self.stats.restarts.fetch_add(1, Relaxed);
+                    self.reset(&format!("engine restarted (seq {last} -> {seq})"));
+                    None
+                }
+                SubscriberEvent::Delivery(Delivery::Malformed { seq, error }) => {
+                    self.stats.malformed.fetch_add(1, Relaxed);
+                    Some(format!("batch {seq} does not decode: {error}"))
+                }
+                SubscriberEvent::BadFrame(e) => {
+                    self.stats.bad_frames.fetch_add(1, Relaxed);
+                    Some(format!("bad frame: {e}"))
+                }
+                SubscriberEvent::RankMismatch { seq, got } => {
+                    self.stats.events_rejected.fetch_add(1, Relaxed);
+                    Some(format!("batch {seq} carries data_parallel_rank {got}"))
+                }
+                SubscriberEvent::Connected
+                | SubscriberEvent::Disconnected
+                | SubscriberEvent::State(_) => None,
+            };
+            if let Some(msg) = bad {
+                // Counted always, logged once per worker per interval.
+                let now = Instant::now();
+                if last_log.is_none_or(|t| now.duration_since(t) >= self.log_interval) {
+                    tracing::warn!(worker = ?self.worker, skipped_since_last_log = unlogged, "{msg}");
+                    last_log = Some(now);
+                    unlogged = 0;
+                } else {
+                    unlogged += 1;
+                }
+            }
+        }
+        hub.unsubscribe(s.id);
+    }
+
+    /// After lost batches or an engine restart, what the worker held is unknown: drop it.
+    fn reset(&self, why: &str) {
+        let n = self.index.clear_worker(&self.worker);
+        self.stats.resets.fetch_add(1, Relaxed);
+        tracing::warn!(worker = ?self.worker, cleared = n, "{why}: worker's blocks dropped");
+    }
+}
