@@ -152,9 +152,7 @@ pub fn parse(vars: &BTreeMap<String, String>) -> Result<Parsed, ConfigError> {
             TokenizerEngine::Vllm
         }
     };
-    let endpoint = r
-        .get("AIBRIX_REMOTE_TOKENIZER_ENDPOINT")
-        .map(str::to_owned);
+    let endpoint = r.get("AIBRIX_REMOTE_TOKENIZER_ENDPOINT").map(str::to_owned);
     if let Some(e) = &endpoint {
         let host = e
             .strip_prefix("http://")
@@ -190,7 +188,9 @@ pub fn parse(vars: &BTreeMap<String, String>) -> Result<Parsed, ConfigError> {
         } else if tokenizer_type.as_deref() != Some("remote") {
             format!(
                 "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE=remote (it is {})",
-                tokenizer_type.as_deref().map_or("unset".to_owned(), |t| format!("{t:?}"))
+                tokenizer_type
+                    .as_deref()
+                    .map_or("unset".to_owned(), |t| format!("{t:?}"))
             )
         } else {
             "AIBRIX_REMOTE_TOKENIZER_ENDPOINT (unset)".to_owned()
@@ -228,7 +228,10 @@ mod tests {
         ("AIBRIX_KV_EVENT_SYNC_ENABLED", "true"),
         ("AIBRIX_USE_REMOTE_TOKENIZER", "true"),
         ("AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE", "remote"),
-        ("AIBRIX_REMOTE_TOKENIZER_ENDPOINT", "http://vllm-service:8000"),
+        (
+            "AIBRIX_REMOTE_TOKENIZER_ENDPOINT",
+            "http://vllm-service:8000",
+        ),
     ];
 
     fn without(key: &str) -> BTreeMap<String, String> {
@@ -267,9 +270,18 @@ mod tests {
     #[test]
     fn each_missing_tokenizer_setting_disables_sync_with_one_warning_naming_it() {
         for (key, named) in [
-            ("AIBRIX_USE_REMOTE_TOKENIZER", "AIBRIX_USE_REMOTE_TOKENIZER=true"),
-            ("AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE", "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE=remote"),
-            ("AIBRIX_REMOTE_TOKENIZER_ENDPOINT", "AIBRIX_REMOTE_TOKENIZER_ENDPOINT"),
+            (
+                "AIBRIX_USE_REMOTE_TOKENIZER",
+                "AIBRIX_USE_REMOTE_TOKENIZER=true",
+            ),
+            (
+                "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE",
+                "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE=remote",
+            ),
+            (
+                "AIBRIX_REMOTE_TOKENIZER_ENDPOINT",
+                "AIBRIX_REMOTE_TOKENIZER_ENDPOINT",
+            ),
         ] {
             let p = parse(&without(key)).expect("parses");
             assert!(!p.config.kv_sync, "{key}");

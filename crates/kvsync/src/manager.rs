@@ -223,7 +223,11 @@ impl Manager {
             .pods_known
             .store(self.entries.len() as u64, Relaxed);
         self.stats.pods_eligible.store(
-            self.pods.read().values().filter(|v| v.info.target.is_ok()).count() as u64,
+            self.pods
+                .read()
+                .values()
+                .filter(|v| v.info.target.is_ok())
+                .count() as u64,
             Relaxed,
         );
     }
@@ -282,9 +286,7 @@ impl Manager {
             }
         }
         let subscribed = self.entries.get(&key).is_some_and(|e| e.run.is_some());
-        self.pods
-            .write()
-            .insert(key, PodView { info, subscribed });
+        self.pods.write().insert(key, PodView { info, subscribed });
     }
 
     fn remove(&mut self, key: &str) {
@@ -326,8 +328,7 @@ impl Manager {
             log_interval: self.cfg.log_interval,
             capacity: self.cfg.sink_capacity,
         };
-        self.tracker
-            .spawn(w.run(hub, sub, lock, delay, cancel));
+        self.tracker.spawn(w.run(hub, sub, lock, delay, cancel));
     }
 }
 

@@ -64,7 +64,11 @@ impl Target {
     }
 
     pub fn replay_endpoint(&self, rank: u32) -> String {
-        format!("tcp://{}:{}", host(&self.ip), u32::from(self.replay_port) + rank)
+        format!(
+            "tcp://{}:{}",
+            host(&self.ip),
+            u32::from(self.replay_port) + rank
+        )
     }
 }
 
@@ -205,15 +209,16 @@ fn target(pod: &Pod) -> Result<Target, Ineligible> {
 pub fn parse_pod_file(text: &str) -> Result<Vec<Pod>, String> {
     let mut pods = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| format!("document {}: {e}", i + 1))?;
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
         if value.is_null() {
             continue;
         }
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
         match kind {
             "Pod" => pods.push(
-                serde_yaml::from_value(value).map_err(|e| format!("document {}: Pod: {e}", i + 1))?,
+                serde_yaml::from_value(value)
+                    .map_err(|e| format!("document {}: Pod: {e}", i + 1))?,
             ),
             "List" | "PodList" => {
                 let items = value
@@ -222,12 +227,18 @@ pub fn parse_pod_file(text: &str) -> Result<Vec<Pod>, String> {
                     .cloned()
                     .unwrap_or_default();
                 for (j, item) in items.into_iter().enumerate() {
-                    pods.push(serde_yaml::from_value(item).map_err(|e| {
-                        format!("document {}: items[{j}]: {e}", i + 1)
-                    })?);
+                    pods.push(
+                        serde_yaml::from_value(item)
+                            .map_err(|e| format!("document {}: items[{j}]: {e}", i + 1))?,
+                    );
                 }
             }
-            other => return Err(format!("document {}: kind {other:?} is not Pod or List", i + 1)),
+            other => {
+                return Err(format!(
+                    "document {}: kind {other:?} is not Pod or List",
+                    i + 1
+                ))
+            }
         }
     }
     Ok(pods)
@@ -275,18 +286,45 @@ status:
         let t = i.target.expect("eligible");
         assert_eq!(t.endpoint(0), "tcp://10.0.0.7:5557");
         assert_eq!(t.replay_endpoint(1), "tcp://10.0.0.7:5559");
-        assert_eq!((t.model.as_str(), t.lora.as_deref(), t.dp_size), ("llama", None, 1));
+        assert_eq!(
+            (t.model.as_str(), t.lora.as_deref(), t.dp_size),
+            ("llama", None, 1)
+        );
     }
 
     #[test]
     fn each_missing_condition_is_named() {
         let cases = [
-            (READY.replace("kv-events-enabled: \"true\"", "kv-events-enabled: \"false\""), Ineligible::NotOptedIn),
-            (READY.replace("model.aibrix.ai/name: llama", "other: x"), Ineligible::NoModel),
-            (READY.replace("phase: Running", "phase: Pending"), Ineligible::NotRunning("Pending".into())),
-            (READY.replace("status: \"True\"", "status: \"False\""), Ineligible::NotReady),
-            (READY.replace("podIP: 10.0.0.7", "podIP: \"\""), Ineligible::NoIp),
-            (READY.replace("  uid: u-1", "  uid: u-1\n  deletionTimestamp: \"2026-01-01T00:00:00Z\""), Ineligible::Terminating),
+            (
+                READY.replace(
+                    "kv-events-enabled: \"true\"",
+                    "kv-events-enabled: \"false\"",
+                ),
+                Ineligible::NotOptedIn,
+            ),
+            (
+                READY.replace("model.aibrix.ai/name: llama", "other: x"),
+                Ineligible::NoModel,
+            ),
+            (
+                READY.replace("phase: Running", "phase: Pending"),
+                Ineligible::NotRunning("Pending".into()),
+            ),
+            (
+                READY.replace("status: \"True\"", "status: \"False\""),
+                Ineligible::NotReady,
+            ),
+            (
+                READY.replace("podIP: 10.0.0.7", "podIP: \"\""),
+                Ineligible::NoIp,
+            ),
+            (
+                READY.replace(
+                    "  uid: u-1",
+                    "  uid: u-1\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"",
+                ),
+                Ineligible::Terminating,
+            ),
         ];
         for (yaml, want) in cases {
             assert_eq!(info(&pod(&yaml)).target, Err(want));
@@ -295,17 +333,24 @@ status:
 
     #[test]
     fn annotations_override_ports_dp_size_and_topic_and_are_checked() {
-        let with = |ann: &str| READY.replace("  uid: u-1", &format!("  uid: u-1\n  annotations:\n{ann}"));
+        let with =
+            |ann: &str| READY.replace("  uid: u-1", &format!("  uid: u-1\n  annotations:\n{ann}"));
         let t = info(&pod(&with(
             "    model.aibrix.ai/kv-events-port: \"6000\"\n    model.aibrix.ai/kv-events-replay-port: \"7000\"\n    model.aibrix.ai/data-parallel-size: \"2\"\n    model.aibrix.ai/kv-events-topic: kv",
         )))
         .target
         .expect("eligible");
-        assert_eq!((t.port, t.replay_port, t.dp_size, t.topic.as_str()), (6000, 7000, 2, "kv"));
+        assert_eq!(
+            (t.port, t.replay_port, t.dp_size, t.topic.as_str()),
+            (6000, 7000, 2, "kv")
+        );
         assert_eq!(t.endpoint(1), "tcp://10.0.0.7:6001");
         // Ranges 5557..5559 and 5558..5560 overlap.
         let bad = info(&pod(&with("    model.aibrix.ai/data-parallel-size: \"2\""))).target;
-        assert!(matches!(bad, Err(Ineligible::BadAnnotation(ref m)) if m.contains("overlap")), "{bad:?}");
+        assert!(
+            matches!(bad, Err(Ineligible::BadAnnotation(ref m)) if m.contains("overlap")),
+            "{bad:?}"
+        );
         let bad = info(&pod(&with("    model.aibrix.ai/kv-events-port: \"http\""))).target;
         assert!(matches!(bad, Err(Ineligible::BadAnnotation(_))));
     }
@@ -314,12 +359,20 @@ status:
     fn pod_files_are_lists_or_document_streams() {
         let list = format!(
             "apiVersion: v1\nkind: List\nitems:\n{}",
-            READY.trim_start().lines().map(|l| format!("  {l}\n")).collect::<String>().replacen("  apiVersion", "- apiVersion", 1)
+            READY
+                .trim_start()
+                .lines()
+                .map(|l| format!("  {l}\n"))
+                .collect::<String>()
+                .replacen("  apiVersion", "- apiVersion", 1)
         );
         assert_eq!(parse_pod_file(&list).expect("list").len(), 1);
         let stream = format!("{READY}\n---\n{}", READY.replace("vllm-0", "vllm-1"));
         let pods = parse_pod_file(&stream).expect("stream");
-        assert_eq!(pods.iter().map(key_of).collect::<Vec<_>>(), ["ml/vllm-0", "ml/vllm-1"]);
+        assert_eq!(
+            pods.iter().map(key_of).collect::<Vec<_>>(),
+            ["ml/vllm-0", "ml/vllm-1"]
+        );
         let err = parse_pod_file("kind: Service\n").expect_err("not pods");
         assert!(err.contains("Service"), "{err}");
     }

@@ -110,6 +110,17 @@ impl Index {
         st.worker_ids.remove(worker);
         st.workers[w as usize] = None;
         st.bytes -= WORKER_COST;
+        // Contexts left without a block go too (their block size is learned again).
+        let empty: Vec<u32> = st
+            .contexts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.len() == 0))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for c in empty {
+            st.drop_context(c);
+        }
         n
     }
 

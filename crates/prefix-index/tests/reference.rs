@@ -323,5 +323,6 @@ proptest! {
         }
         let s = index.stats();
         prop_assert_eq!((s.blocks, s.worker_blocks, s.workers), (0, 0, 0));
+        prop_assert_eq!((s.contexts, s.bytes), (0, 0), "back to an empty index");
     }
 }

@@ -39,14 +39,22 @@ pub struct Publisher {
     stdout: BufReader<ChildStdout>,
     pub pub_port: u16,
     pub replay_port: u16,
+    /// The loopback address it binds (`--host`, default 127.0.0.1).
+    pub host: String,
     /// `replay FROM` lines seen so far.
     pub replays: Vec<u64>,
 }
 
 impl Publisher {
     pub fn start(args: &[&str]) -> Publisher {
+        Self::try_start(args).expect("the publisher started (python with pyzmq: scripts/setup)")
+    }
+
+    /// Like `start`, but None when the publisher cannot bind (a port taken meanwhile).
+    pub fn try_start(args: &[&str]) -> Option<Publisher> {
         let script =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/vllm_publisher.py");
+            // From whichever crate includes this module: the script lives with kv-events' tests.
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-events/tests/support/vllm_publisher.py");
         let mut child = Command::new(python())
             .arg(script)
             .args(args)
@@ -59,23 +67,33 @@ impl Publisher {
         let mut line = String::new();
         stdout.read_line(&mut line).expect("ready line");
         let parts: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(parts.first(), Some(&"ready"), "publisher said {line:?}");
-        Publisher {
+        if parts.first() != Some(&"ready") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        let host = args
+            .iter()
+            .position(|a| *a == "--host")
+            .and_then(|i| args.get(i + 1))
+            .map_or("127.0.0.1".to_owned(), |h| (*h).to_owned());
+        Some(Publisher {
             child,
             stdin,
             stdout,
+            host,
             pub_port: parts[1].parse().expect("port"),
             replay_port: parts[2].parse().expect("port"),
             replays: Vec::new(),
-        }
+        })
     }
 
     pub fn endpoint(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.pub_port)
+        format!("tcp://{}:{}", self.host, self.pub_port)
     }
 
     pub fn replay_endpoint(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.replay_port)
+        format!("tcp://{}:{}", self.host, self.replay_port)
     }
 
     /// Sends one command and waits for its `ok`.
@@ -106,6 +124,14 @@ impl Publisher {
     pub fn skip(&mut self, seq: u64, payload: &[u8]) {
         self.cmd(&format!(
             r#"{{"op":"skip","seq":{seq},"payload":"{}"}}"#,
+            hex::encode(payload)
+        ));
+    }
+
+    /// Publishes `n` batches from `seq` on, all carrying `payload`.
+    pub fn repeat(&mut self, seq: u64, n: u64, payload: &[u8]) {
+        self.cmd(&format!(
+            r#"{{"op":"repeat","seq":{seq},"n":{n},"payload":"{}"}}"#,
             hex::encode(payload)
         ));
     }

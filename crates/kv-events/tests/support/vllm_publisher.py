@@ -8,6 +8,7 @@ can skip, repeat and restart sequences and send malformed frames:
 
   {"op": "send", "seq": S, "payload": HEX}       publish live and buffer
   {"op": "skip", "seq": S, "payload": HEX}       buffer only (a message lost on the wire)
+  {"op": "repeat", "seq": S, "n": N, "payload": HEX}  publish N batches S.. of one payload
   {"op": "raw", "frames": [HEX, ...]}            publish arbitrary frames (not buffered)
   {"op": "restart"}                              close, forget the buffer, bind the same ports
   {"op": "stop"} / {"op": "start"}               close the sockets / bind them again
@@ -31,13 +32,13 @@ import zmq
 END = b"\xff" * 8
 
 
-def bind_retrying(sock, port):
-    for attempt in range(300):
+def bind_retrying(sock, host, port, attempts):
+    for attempt in range(attempts):
         try:
-            sock.bind("tcp://127.0.0.1:%d" % port)
+            sock.bind("tcp://%s:%d" % (host, port))
             return
         except zmq.ZMQError as e:
-            if e.errno != zmq.EADDRINUSE or attempt == 299:
+            if e.errno != zmq.EADDRINUSE or attempt == attempts - 1:
                 raise
             time.sleep(0.01)
 
@@ -49,6 +50,7 @@ def main():
     ap.add_argument("--replay-topic", action="store_true")
     ap.add_argument("--ports", type=int, nargs=2, metavar=("PUB", "REPLAY"),
                     help="bind these ports (default: any free ones)")
+    ap.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     args = ap.parse_args()
     topic = args.topic.encode()
     ctx = zmq.Context()
@@ -59,18 +61,19 @@ def main():
     socks = {}
     muted = {"on": False}
 
-    def bind():
+    def bind(attempts=1):
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         if ports["pub"]:
-            # libzmq closes the old listeners asynchronously: the ports may take a moment.
-            bind_retrying(pub, ports["pub"])
-            bind_retrying(router, ports["replay"])
+            # After a restart in this process, libzmq releases the old listeners
+            # asynchronously: the ports may take a moment. At start, a taken port fails fast.
+            bind_retrying(pub, args.host, ports["pub"], attempts)
+            bind_retrying(router, args.host, ports["replay"], attempts)
         else:
-            pub.bind("tcp://127.0.0.1:*")
-            router.bind("tcp://127.0.0.1:*")
+            pub.bind("tcp://%s:*" % args.host)
+            router.bind("tcp://%s:*" % args.host)
             ports["pub"] = int(pub.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
             ports["replay"] = int(router.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
         socks["pub"], socks["router"] = pub, router
@@ -110,16 +113,22 @@ def main():
                 buf.append((seq, payload))
                 if op == "send":
                     socks["pub"].send_multipart([topic, seq.to_bytes(8, "big"), payload])
+            elif op == "repeat":
+                # n batches from seq `seq` on, all with the same payload.
+                payload = bytes.fromhex(cmd["payload"])
+                for seq in range(cmd["seq"], cmd["seq"] + cmd["n"]):
+                    buf.append((seq, payload))
+                    socks["pub"].send_multipart([topic, seq.to_bytes(8, "big"), payload])
             elif op == "raw":
                 socks["pub"].send_multipart([bytes.fromhex(f) for f in cmd["frames"]])
             elif op == "restart":
                 close()
                 buf.clear()
-                bind()
+                bind(attempts=300)
             elif op == "stop":
                 close()
             elif op == "start":
-                bind()
+                bind(attempts=300)
             elif op == "mute_replay":
                 muted["on"] = cmd["on"]
             elif op == "quit":

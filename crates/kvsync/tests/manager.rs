@@ -1,0 +1,500 @@
+//! The manager through the real kube-rs client and watcher, against a fake API server driven
+//! by the test (list + watch with resourceVersion, bookmarks, 410 Gone), with real ZeroMQ
+//! publishers (pyzmq, vLLM's protocol) on loopback addresses standing in for pod IPs.
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+#[path = "../../kv-events/tests/support/mod.rs"]
+mod support;
+
+use apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::Pod;
+use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, Hub, WireFormat};
+use kvsync::manager::{Manager, ManagerConfig, ManagerStats};
+use kvsync::source;
+use prefix_index::{Index, IndexConfig};
+use serde_json::json;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::Publisher;
+use tokio_util::sync::CancellationToken;
+
+const MODEL: &str = "llama";
+
+/// A pod object as the API server would hold it.
+fn pod(
+    name: &str,
+    uid: &str,
+    ip: &str,
+    phase: &str,
+    ready: bool,
+    ports: (u16, u16),
+    extra: serde_json::Value,
+) -> Pod {
+    let mut annotations = json!({
+        "model.aibrix.ai/kv-events-port": ports.0.to_string(),
+        "model.aibrix.ai/kv-events-replay-port": ports.1.to_string(),
+    });
+    if let Some(m) = extra.get("annotations").and_then(|a| a.as_object()) {
+        for (k, v) in m {
+            annotations[k] = v.clone();
+        }
+    }
+    let mut labels = json!({
+        "model.aibrix.ai/kv-events-enabled": "true",
+        "model.aibrix.ai/name": MODEL,
+    });
+    if let Some(m) = extra.get("labels").and_then(|a| a.as_object()) {
+        for (k, v) in m {
+            labels[k] = v.clone();
+        }
+    }
+    let restarts = extra.get("restarts").and_then(|r| r.as_i64()).unwrap_or(0);
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "ml", "uid": uid,
+                     "labels": labels, "annotations": annotations},
+        "status": {
+            "phase": phase, "podIP": ip,
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            "containerStatuses": [{"name": "vllm", "restartCount": restarts, "ready": ready,
+                                   "image": "vllm", "imageID": ""}],
+        },
+    }))
+    .expect("pod")
+}
+
+fn stored(seq: u64, rank: u32) -> Vec<u8> {
+    encode(
+        &EventBatch {
+            ts: seq as f64,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: vec![BlockHash::Uint(77)],
+                token_ids: vec![1, 2, 3, 4],
+                block_size: 4,
+                ..Default::default()
+            })],
+            data_parallel_rank: Some(rank),
+        },
+        &WireFormat::VLLM_0_33,
+    )
+}
+
+/// Waits (up to 20 s) for a condition that has no notification of its own.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Fixture {
+    api: FakeApiServer,
+    index: Arc<Index>,
+    hub: Arc<Hub>,
+    stats: Arc<ManagerStats>,
+    tracker: tokio_util::task::TaskTracker,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fixture {
+    async fn start(cfg: ManagerConfig) -> Fixture {
+        let api = FakeApiServer::start().await;
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let hub = Arc::new(Hub::start().expect("hub"));
+        let m = Manager::new(cfg, index.clone(), Some(hub.clone()));
+        let (stats, tracker) = (m.stats(), m.tracker());
+        let mut ready = m.ready();
+        let shutdown = CancellationToken::new();
+        let events = source::kubernetes(api.client(), &[]);
+        let task = tokio::spawn(m.run(events, 1, shutdown.clone()));
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+            .await
+            .expect("first list in time")
+            .expect("manager alive");
+        Fixture {
+            api,
+            index,
+            hub,
+            stats,
+            tracker,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Blocks the worker holds for the test's block (tokens 1..=4).
+    fn held_by(&self, pod: &str, rank: u32) -> u32 {
+        self.index
+            .lookup(MODEL, None, &[1, 2, 3, 4])
+            .matches
+            .iter()
+            .find(|m| m.worker.pod == pod && m.worker.dp_rank == rank)
+            .map_or(0, |m| m.blocks)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("manager task");
+        assert_eq!(self.tracker.len(), 0, "every worker task ended");
+        assert_eq!(self.stats.workers_running.load(Relaxed), 0);
+        // Unsubscriptions reach the poller thread asynchronously.
+        let hub = self.hub.clone();
+        eventually("no subscription left", || hub.subscriptions() == 0).await;
+    }
+}
+
+fn test_config() -> ManagerConfig {
+    ManagerConfig {
+        heartbeat: Duration::from_millis(200),
+        ..ManagerConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribed_exactly_once_and_only_when_ready() {
+    let f = Fixture::start(test_config()).await;
+    let mut p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let started = || f.stats.subscriptions_started.load(Relaxed);
+    f.api.apply(pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.1",
+        "Pending",
+        false,
+        ports,
+        json!({}),
+    ));
+    eventually("pod known", || f.stats.pods_known.load(Relaxed) == 1).await;
+    f.api.apply(pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.1",
+        "Running",
+        false,
+        ports,
+        json!({}),
+    ));
+    // A change that the pod table reflects, to know the Running/not Ready state was handled.
+    eventually("running pod seen", || {
+        f.stats.pods_eligible.load(Relaxed) == 0
+    })
+    .await;
+    assert_eq!(started(), 0, "not Ready: no subscription");
+    f.api.apply(pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.1",
+        "Running",
+        true,
+        ports,
+        json!({}),
+    ));
+    eventually("subscribed", || started() == 1).await;
+    // The same pod again (a status update that changes nothing kvsync uses).
+    f.api.apply(pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.1",
+        "Running",
+        true,
+        ports,
+        json!({"labels": {"team": "a"}}),
+    ));
+    p.send(0, &stored(0, 0));
+    let mut seq = 1;
+    while f.held_by("ml/vllm-0", 0) == 0 {
+        p.send(seq, &stored(seq, 0));
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(seq < 500, "events never reached the index");
+    }
+    assert_eq!(started(), 1, "exactly once");
+    assert_eq!(f.stats.workers_running.load(Relaxed), 1);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_change_replaces_the_subscriber_and_drops_the_old_blocks() {
+    let f = Fixture::start(test_config()).await;
+    let ports = (support::free_port(), support::free_port());
+    let (pp, rp) = (ports.0.to_string(), ports.1.to_string());
+    let mut a = Publisher::start(&["--host", "127.0.0.2", "--ports", &pp, &rp]);
+    let mut b = Publisher::start(&["--host", "127.0.0.3", "--ports", &pp, &rp]);
+    f.api.apply(pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.2",
+        "Running",
+        true,
+        ports,
+        json!({}),
+    ));
+    let mut seq = 0;
+    while f.held_by("ml/vllm-0", 0) == 0 {
+        a.send(seq, &stored(seq, 0));
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(seq < 500, "events from the first IP never arrived");
+    }
+    f.api.apply(pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.3",
+        "Running",
+        true,
+        ports,
+        json!({}),
+    ));
+    eventually("old incarnation's blocks gone", || {
+        f.held_by("ml/vllm-0", 0) == 0
+    })
+    .await;
+    eventually("resubscribed", || {
+        f.stats.subscriptions_started.load(Relaxed) == 2
+    })
+    .await;
+    // The old publisher's events no longer count; the new one's do.
+    a.send(seq, &stored(seq, 0));
+    let mut seq_b = 0;
+    while f.held_by("ml/vllm-0", 0) == 0 {
+        b.send(seq_b, &stored(seq_b, 0));
+        seq_b += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(seq_b < 500, "events from the new IP never arrived");
+    }
+    assert_eq!(
+        f.stats.workers_running.load(Relaxed),
+        1,
+        "one subscriber, not two"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_removed_deleted_and_watch_cuts_leave_no_duplicate_or_leak() {
+    let f = Fixture::start(test_config()).await;
+    let p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let running = || f.stats.workers_running.load(Relaxed);
+    let started = || f.stats.subscriptions_started.load(Relaxed);
+    for name in ["a", "b", "c"] {
+        f.api.apply(pod(
+            name,
+            name,
+            "127.0.0.1",
+            "Running",
+            true,
+            ports,
+            json!({}),
+        ));
+    }
+    eventually("three subscribed", || started() == 3 && running() == 3).await;
+
+    // Watch cut and resumed from the last resourceVersion: nothing changes.
+    f.api.cut_watches();
+    f.api.apply(pod(
+        "d",
+        "d",
+        "127.0.0.1",
+        "Running",
+        true,
+        ports,
+        json!({}),
+    ));
+    eventually("the resumed watch delivers", || started() == 4).await;
+    assert_eq!(running(), 4);
+
+    // Label removed: the server-side selector turns it into a DELETED event.
+    f.api.apply(pod(
+        "a",
+        "a",
+        "127.0.0.1",
+        "Running",
+        true,
+        ports,
+        json!({"labels": {"model.aibrix.ai/kv-events-enabled": "false"}}),
+    ));
+    eventually("unlabelled pod unsubscribed", || running() == 3).await;
+    f.api.delete("ml", "b");
+    eventually("deleted pod unsubscribed", || running() == 2).await;
+
+    // A partition: the watch hears nothing, a pod is deleted and the history compacted; the
+    // resumed watch gets 410 Gone, relists, and the vanished pod is dropped.
+    f.api.pause(true);
+    f.api.delete("ml", "c");
+    f.api.compact();
+    f.api.cut_watches();
+    f.api.pause(false);
+    eventually("relist dropped the vanished pod", || running() == 1).await;
+    assert_eq!(
+        started(),
+        4,
+        "no resubscription of unchanged pods across cuts and relists"
+    );
+    let q = f.api.queries();
+    assert!(
+        q.iter()
+            .all(|q| q.contains("labelSelector=model.aibrix.ai%2Fkv-events-enabled%3Dtrue")),
+        "selector on the server: {q:?}"
+    );
+    assert!(
+        q.iter().filter(|q| !q.contains("watch=true")).count() >= 2,
+        "the pod could only vanish through a relist: {q:?}"
+    );
+    assert!(
+        q.iter().any(|q| q.contains("allowWatchBookmarks=true")),
+        "{q:?}"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_size_two_subscribes_ports_plus_zero_and_plus_one() {
+    let f = Fixture::start(test_config()).await;
+    // Two publishers on ports P, R and P+1, R+1 (retried if a port is taken meanwhile).
+    // Ports below the ephemeral range, which the other tests' connections keep using.
+    let mut pick = std::collections::hash_map::RandomState::new().build_hasher();
+    let (base, rbase, mut r0, mut r1) = loop {
+        pick.write_u8(0);
+        let p = 20_000 + (pick.finish() % 5_000) as u16 * 2;
+        let r = p + 1_000;
+        let (ps, rs) = (p.to_string(), r.to_string());
+        let (p1, r1) = ((p + 1).to_string(), (r + 1).to_string());
+        let Some(a) = Publisher::try_start(&["--ports", &ps, &rs]) else {
+            continue;
+        };
+        let Some(b) = Publisher::try_start(&["--ports", &p1, &r1]) else {
+            continue;
+        };
+        break (p, r, a, b);
+    };
+    f.api.apply(pod(
+        "dp",
+        "dp",
+        "127.0.0.1",
+        "Running",
+        true,
+        (base, rbase),
+        json!({"annotations": {"model.aibrix.ai/data-parallel-size": "2"}}),
+    ));
+    eventually("two subscribers", || {
+        f.stats.workers_running.load(Relaxed) == 2
+    })
+    .await;
+    let mut seq = 0;
+    while f.held_by("ml/dp", 0) == 0 || f.held_by("ml/dp", 1) == 0 {
+        r0.send(seq, &stored(seq, 0));
+        r1.send(seq, &stored(seq, 1));
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(seq < 500, "both ranks never arrived");
+    }
+    assert_eq!(
+        f.stats.events_rejected.load(Relaxed),
+        0,
+        "each rank on its own port"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_of_500_pods_ten_times_leaves_nothing_behind() {
+    let f = Fixture::start(test_config()).await;
+    let mut p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let base = f.index.stats();
+    let (tasks0, subs0) = (f.tracker.len(), f.hub.subscriptions());
+    let mut seq = 0;
+    let mut peak_bytes = 0;
+    for round in 0..10 {
+        for i in 0..500 {
+            let uid = format!("u{round}-{i}");
+            f.api.apply(pod(
+                &format!("p{i}"),
+                &uid,
+                "127.0.0.1",
+                "Running",
+                true,
+                ports,
+                json!({}),
+            ));
+        }
+        eventually("500 subscribed", || {
+            f.stats.workers_running.load(Relaxed) == 500
+        })
+        .await;
+        // Events flow to all of them while they churn.
+        p.repeat(seq, 20, &stored(0, 0));
+        seq += 20;
+        eventually("some blocks indexed", || f.index.stats().worker_blocks > 0).await;
+        peak_bytes = peak_bytes.max(f.index.stats().bytes);
+        for i in 0..500 {
+            f.api.delete("ml", &format!("p{i}"));
+        }
+        eventually("all unsubscribed", || {
+            f.stats.workers_running.load(Relaxed) == 0
+        })
+        .await;
+    }
+    let hub = f.hub.clone();
+    eventually("no subscription left", || hub.subscriptions() == subs0).await;
+    let after = f.index.stats();
+    println!(
+        "churn: {} subscriptions; index bytes {} -> peak {} -> {}; workers {} -> {}; tasks {} -> {}",
+        f.stats.subscriptions_started.load(Relaxed),
+        base.bytes,
+        peak_bytes,
+        after.bytes,
+        base.workers,
+        after.workers,
+        tasks0,
+        f.tracker.len()
+    );
+    assert_eq!(f.stats.subscriptions_started.load(Relaxed), 5000);
+    assert_eq!(f.tracker.len(), tasks0, "zero worker tasks left");
+    assert_eq!(
+        (after.bytes, after.blocks, after.workers, after.contexts),
+        (base.bytes, 0, 0, 0)
+    );
+    assert!(
+        peak_bytes > base.bytes,
+        "the index did hold blocks during the churn"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_sync_off_creates_no_socket_and_no_task() {
+    let api = FakeApiServer::start().await;
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let m = Manager::new(test_config(), index.clone(), None);
+    let (stats, tracker, pods) = (m.stats(), m.tracker(), m.pods());
+    let mut ready = m.ready();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(m.run(source::kubernetes(api.client(), &[]), 1, shutdown.clone()));
+    ready.wait_for(|r| *r).await.expect("ready");
+    api.apply(pod(
+        "x",
+        "x",
+        "127.0.0.1",
+        "Running",
+        true,
+        (5557, 5558),
+        json!({}),
+    ));
+    eventually("pod tracked", || stats.pods_known.load(Relaxed) == 1).await;
+    assert_eq!(tracker.len(), 0);
+    assert_eq!(stats.subscriptions_started.load(Relaxed), 0);
+    assert!(pods
+        .read()
+        .get("ml/x")
+        .is_some_and(|v| v.info.target.is_ok() && !v.subscribed));
+    shutdown.cancel();
+    task.await.expect("manager");
+}
