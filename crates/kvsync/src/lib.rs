@@ -14,4 +14,5 @@ pub mod config;
 pub mod json;
 pub mod manager;
 pub mod pods;
+pub mod serve;
 pub mod source;

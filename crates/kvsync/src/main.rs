@@ -26,6 +26,26 @@ enum Command {
         /// The capture file.
         file: PathBuf,
     },
+    /// Run the service: watch pods (Kubernetes, or a static pod file), subscribe to every
+    /// eligible vLLM pod's KV events and keep the index. Configuration: AIBRIX_* variables.
+    Serve {
+        /// A static pod file (`kubectl get pods -o yaml`) instead of the Kubernetes API; re-read
+        /// when it changes.
+        #[arg(long, env = "KVSYNC_PODS_FILE")]
+        pods: Option<PathBuf>,
+        /// Namespaces to watch (repeat; default: all).
+        #[arg(long = "namespace", env = "KVSYNC_NAMESPACES", value_delimiter = ',')]
+        namespaces: Vec<String>,
+        /// How often the pod file is checked for changes, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        pods_interval_ms: u64,
+        /// Memory budget of the index, in MiB.
+        #[arg(long, env = "KVSYNC_INDEX_MAX_MIB", default_value_t = 1024)]
+        index_max_mib: usize,
+    },
+    /// Print the configuration the AIBRIX_* variables give, and any warning; exit non-zero
+    /// when a value is invalid.
+    Config,
     /// Subscribe to a vLLM pod's KV events and print each event, gap and restart as a JSON line
     /// (states and bad frames go to stderr).
     Tap {
@@ -56,6 +76,49 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Capture { file } => capture(&file),
+        Command::Config => {
+            let parsed = match kvsync::config::from_process_env() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("kvsync: {e}");
+                    std::process::exit(2);
+                }
+            };
+            for w in &parsed.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("{:#?}", parsed.config);
+            Ok(())
+        }
+        Command::Serve {
+            pods,
+            namespaces,
+            pods_interval_ms,
+            index_max_mib,
+        } => {
+            let parsed = match kvsync::config::from_process_env() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("kvsync: {e}");
+                    std::process::exit(2);
+                }
+            };
+            init_logs();
+            for w in &parsed.warnings {
+                tracing::warn!("{w}");
+            }
+            let opts = kvsync::serve::Options {
+                pods_file: pods,
+                namespaces,
+                pods_interval: Duration::from_millis(pods_interval_ms),
+                index_max_bytes: index_max_mib << 20,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(kvsync::serve::run(parsed.config, opts, shutdown_signal()))
+        }
         Command::Tap {
             endpoint,
             replay,
@@ -74,6 +137,29 @@ fn main() -> Result<()> {
             tap(cfg, max_batches)
         }
     }
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
 }
 
 fn tap(cfg: SubscriberConfig, max_batches: Option<u64>) -> Result<()> {

@@ -498,3 +498,50 @@ async fn kv_sync_off_creates_no_socket_and_no_task() {
     shutdown.cancel();
     task.await.expect("manager");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_pod_file_is_reread_when_it_changes() {
+    let p = Publisher::start(&[]);
+    let dir = std::env::temp_dir().join(format!("kvsync-podfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("pods.yaml");
+    let write = |names: &[&str]| {
+        let docs: Vec<String> = names
+            .iter()
+            .map(|n| {
+                serde_yaml::to_string(&pod(
+                    n,
+                    n,
+                    "127.0.0.1",
+                    "Running",
+                    true,
+                    (p.pub_port, p.replay_port),
+                    json!({}),
+                ))
+                .expect("yaml")
+            })
+            .collect();
+        std::fs::write(&file, docs.join("---\n")).expect("write");
+    };
+    write(&["a", "b"]);
+    let index = Arc::new(Index::new(IndexConfig::default()));
+    let hub = Arc::new(Hub::start().expect("hub"));
+    let m = Manager::new(test_config(), index, Some(hub));
+    let (stats, tracker) = (m.stats(), m.tracker());
+    let shutdown = CancellationToken::new();
+    let events = source::file(file.clone(), Duration::from_millis(20));
+    let task = tokio::spawn(m.run(events, 1, shutdown.clone()));
+    eventually("two pods from the file", || {
+        stats.workers_running.load(Relaxed) == 2
+    })
+    .await;
+    write(&["b", "c", "d"]);
+    eventually("the file's new list", || {
+        stats.workers_running.load(Relaxed) == 3 && stats.subscriptions_started.load(Relaxed) == 4
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("manager");
+    assert_eq!(tracker.len(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
