@@ -545,3 +545,63 @@ async fn static_pod_file_is_reread_when_it_changes() {
     assert_eq!(tracker.len(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_restart_is_a_new_incarnation_and_a_crash_loop_is_backed_off() {
+    let cfg = ManagerConfig {
+        churn_backoff: kv_events::Backoff {
+            start: Duration::from_secs(2),
+            cap: Duration::from_secs(4),
+            factor: 2.0,
+        },
+        ..test_config()
+    };
+    let f = Fixture::start(cfg).await;
+    let mut p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let started = || f.stats.subscriptions_started.load(Relaxed);
+    f.api.apply(pod(
+        "cl",
+        "cl",
+        "127.0.0.1",
+        "Running",
+        true,
+        ports,
+        json!({}),
+    ));
+    let mut seq = 0;
+    while f.held_by("ml/cl", 0) == 0 {
+        p.send(seq, &stored(seq, 0));
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(seq < 500, "events never arrived");
+    }
+    // The container restarts five times in a row: each is a new engine, whose blocks are
+    // unknown; the re-subscriptions wait (1 s and more) and each waiting one is superseded.
+    for restarts in 1..=5 {
+        f.api.apply(pod(
+            "cl",
+            "cl",
+            "127.0.0.1",
+            "Running",
+            true,
+            ports,
+            json!({"restarts": restarts}),
+        ));
+    }
+    eventually("the old incarnation's blocks dropped", || {
+        f.held_by("ml/cl", 0) == 0
+    })
+    .await;
+    assert_eq!(
+        started(),
+        1,
+        "no subscription storm: the waiting ones were superseded"
+    );
+    eventually("the last incarnation subscribed after its backoff", || {
+        started() == 2
+    })
+    .await;
+    assert_eq!(f.stats.workers_running.load(Relaxed), 1);
+    f.stop().await;
+}
