@@ -220,8 +220,15 @@ pub enum HubError {
 }
 
 impl Hub {
-    /// Starts the poller thread.
+    /// Starts the poller thread (it sleeps at most 1 s between deadline checks).
     pub fn start() -> Result<Hub, HubError> {
+        Self::with_poll_timeout(MAX_SLEEP)
+    }
+
+    /// Starts the poller thread; `poll_timeout` (`AIBRIX_KV_EVENT_POLL_TIMEOUT_MS`) is the
+    /// longest it sleeps in `zmq::poll` before checking its deadlines (sockets and commands
+    /// wake it at once).
+    pub fn with_poll_timeout(poll_timeout: Duration) -> Result<Hub, HubError> {
         let ctx = zmq::Context::new();
         let wake_rx = ctx.socket(zmq::PAIR)?;
         let endpoint = format!("inproc://kv-events-hub-{:p}", &wake_rx);
@@ -231,6 +238,7 @@ impl Hub {
         let (tx, rx) = mpsc::channel();
         let live = Arc::new(AtomicUsize::new(0));
         let poller = Poller {
+            max_sleep: poll_timeout.max(Duration::from_millis(1)),
             contexts: vec![(ctx, 0)],
             wake: wake_rx,
             commands: rx,
@@ -329,6 +337,7 @@ struct Sub {
 }
 
 struct Poller {
+    max_sleep: Duration,
     /// libzmq contexts and how many subscribers each hosts (the first also hosts `wake`).
     contexts: Vec<(zmq::Context, usize)>,
     wake: zmq::Socket,
@@ -346,7 +355,7 @@ const SUBS_PER_CONTEXT: usize = 250;
 const READ_BURST: usize = 256;
 /// How often a full sink is retried (the consumer cannot wake the poller).
 const SINK_RETRY: Duration = Duration::from_millis(20);
-/// The longest sleep in `zmq::poll` (deadlines are checked at least this often).
+/// The default longest sleep in `zmq::poll` (deadlines are checked at least this often).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 impl Poller {
@@ -486,7 +495,7 @@ impl Poller {
     }
 
     fn next_timeout(&self, now: Instant) -> Duration {
-        let mut t = MAX_SLEEP;
+        let mut t = self.max_sleep;
         for s in &self.subs {
             if !s.outbox.is_empty() {
                 t = t.min(SINK_RETRY);

@@ -137,3 +137,29 @@ fn serve_on_a_pod_file_gets_ready_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The README's variable table and the configuration code agree: same names, same defaults.
+#[test]
+fn readme_variable_table_matches_the_code() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README");
+    let rows: Vec<(String, String)> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `AIBRIX_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_owned(), cells[3].to_owned())
+        })
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+    let code: Vec<&str> = kvsync::config::VARIABLES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, code, "README rows vs config::VARIABLES");
+    for ((name, doc), (_, default)) in rows.iter().zip(kvsync::config::VARIABLES) {
+        let want = if default.is_empty() {
+            "(unset)"
+        } else {
+            default
+        };
+        assert_eq!(doc, want, "{name}");
+    }
+}
