@@ -10,9 +10,13 @@
 //!
 //! So far: the JSON-lines view of events that `tap` and `capture` print.
 
+pub mod api;
+pub mod approx;
 pub mod config;
 pub mod json;
 pub mod manager;
+pub mod metrics;
 pub mod pods;
 pub mod serve;
 pub mod source;
+pub mod tokenizer;

@@ -42,6 +42,21 @@ enum Command {
         /// Memory budget of the index, in MiB.
         #[arg(long, env = "KVSYNC_INDEX_MAX_MIB", default_value_t = 1024)]
         index_max_mib: usize,
+        /// Address of the HTTP API.
+        #[arg(long, env = "KVSYNC_LISTEN", default_value = "0.0.0.0:8090")]
+        listen: std::net::SocketAddr,
+        /// Timeout of a remote tokenizer request, in milliseconds.
+        #[arg(long, env = "KVSYNC_TOKENIZER_TIMEOUT_MS", default_value_t = 5000)]
+        tokenizer_timeout_ms: u64,
+        /// A pod's own /tokenize port, used when AIBRIX_REMOTE_TOKENIZER_ENDPOINT is unset.
+        #[arg(long, env = "KVSYNC_POD_TOKENIZER_PORT", default_value_t = 8000)]
+        pod_tokenizer_port: u16,
+        /// Approximate routing (KV sync off): seconds a routing decision counts as cached.
+        #[arg(long, env = "KVSYNC_APPROX_TTL_S", default_value_t = 120)]
+        approx_ttl_s: u64,
+        /// Approximate routing: block size used to hash prompts.
+        #[arg(long, env = "KVSYNC_APPROX_BLOCK_SIZE", default_value_t = 16)]
+        approx_block_size: usize,
     },
     /// Print the configuration the AIBRIX_* variables give, and any warning; exit non-zero
     /// when a value is invalid.
@@ -95,6 +110,11 @@ fn main() -> Result<()> {
             namespaces,
             pods_interval_ms,
             index_max_mib,
+            listen,
+            tokenizer_timeout_ms,
+            pod_tokenizer_port,
+            approx_ttl_s,
+            approx_block_size,
         } => {
             let parsed = match kvsync::config::from_process_env() {
                 Ok(p) => p,
@@ -108,10 +128,15 @@ fn main() -> Result<()> {
                 tracing::warn!("{w}");
             }
             let opts = kvsync::serve::Options {
+                listen,
                 pods_file: pods,
                 namespaces,
                 pods_interval: Duration::from_millis(pods_interval_ms),
                 index_max_bytes: index_max_mib << 20,
+                tokenizer_timeout: Duration::from_millis(tokenizer_timeout_ms),
+                pod_tokenizer_port,
+                approx_ttl: Duration::from_secs(approx_ttl_s),
+                approx_block_size,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

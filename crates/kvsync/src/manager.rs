@@ -79,6 +79,18 @@ pub struct ManagerStats {
     pub bad_frames: AtomicU64,
 }
 
+/// What the API shows of a running worker (pod, rank).
+#[derive(Debug, Default)]
+pub struct WorkerInfo {
+    /// Its subscriber's counters, once subscribed.
+    pub counters: std::sync::OnceLock<Arc<kv_events::SubscriberCounters>>,
+    /// `ts` of the last batch applied, as f64 bits (0: none yet).
+    pub last_ts: AtomicU64,
+}
+
+/// Running workers, for the API.
+pub type WorkerTable = Arc<parking_lot::RwLock<HashMap<WorkerId, Arc<WorkerInfo>>>>;
+
 /// A pod as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
@@ -115,6 +127,7 @@ pub struct Manager {
     shutdown: CancellationToken,
     stats: Arc<ManagerStats>,
     pods: PodTable,
+    workers: WorkerTable,
     ready: tokio::sync::watch::Sender<bool>,
     rng: u64,
 }
@@ -135,6 +148,7 @@ impl Manager {
             shutdown: CancellationToken::new(),
             stats: Arc::new(ManagerStats::default()),
             pods: PodTable::default(),
+            workers: WorkerTable::default(),
             ready: tokio::sync::watch::channel(false).0,
             rng: 0x2545_f491_4f6c_dd1d,
         }
@@ -146,6 +160,10 @@ impl Manager {
 
     pub fn pods(&self) -> PodTable {
         self.pods.clone()
+    }
+
+    pub fn workers(&self) -> WorkerTable {
+        self.workers.clone()
     }
 
     /// Becomes true once the first complete pod list of every scope has been applied.
@@ -319,7 +337,11 @@ impl Manager {
         sub.replay_timeout = self.cfg.replay_timeout;
         sub.heartbeat = self.cfg.heartbeat;
         sub.backoff = self.cfg.reconnect;
+        let info = Arc::new(WorkerInfo::default());
+        self.workers.write().insert(worker.clone(), info.clone());
         let w = WorkerTask {
+            info,
+            table: self.workers.clone(),
             worker,
             model: t.model.clone(),
             lora: t.lora.clone(),
@@ -333,6 +355,8 @@ impl Manager {
 }
 
 struct WorkerTask {
+    info: Arc<WorkerInfo>,
+    table: WorkerTable,
     worker: WorkerId,
     model: String,
     lora: Option<String>,
@@ -369,6 +393,14 @@ impl WorkerTask {
         // Every block of this incarnation leaves the index at once.
         let removed = self.index.remove_worker(&self.worker);
         tracing::debug!(worker = ?self.worker, removed, "worker stopped");
+        {
+            let mut t = self.table.write();
+            if t.get(&self.worker)
+                .is_some_and(|i| Arc::ptr_eq(i, &self.info))
+            {
+                t.remove(&self.worker);
+            }
+        }
         drop(guard);
         self.stats.workers_running.fetch_sub(1, Relaxed);
     }
@@ -376,6 +408,7 @@ impl WorkerTask {
     async fn subscribed(&self, hub: &Hub, sub: SubscriberConfig, cancel: &CancellationToken) {
         let (tx, mut rx) = tokio::sync::mpsc::channel(self.capacity);
         let s = hub.subscribe(sub, tx);
+        let _ = self.info.counters.set(s.counters.clone());
         self.stats.subscriptions_started.fetch_add(1, Relaxed);
         let source = Source {
             model: &self.model,
@@ -400,6 +433,7 @@ impl WorkerTask {
                         }
                     }
                     self.stats.batches_applied.fetch_add(1, Relaxed);
+                    self.info.last_ts.store(batch.ts.to_bits(), Relaxed);
                     None
                 }
                 SubscriberEvent::Delivery(Delivery::Gap {

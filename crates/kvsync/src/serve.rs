@@ -1,32 +1,77 @@
-//! `kvsync serve`: the index, the subscriber hub (when KV sync is on), a pod source and the
-//! manager, run until shutdown. (The HTTP API comes with the service issue.)
+//! `kvsync serve`: the index, the subscriber hub (when KV sync is on), a pod source, the manager
+//! and the HTTP API, until shutdown: then the server stops accepting and finishes in-flight
+//! requests, every subscriber stops, and every task is joined.
 
+use crate::api::{self, AppState};
+use crate::approx::Approx;
 use crate::config::Config;
 use crate::manager::{Manager, ManagerConfig};
+use crate::metrics::Metrics;
 use crate::source;
+use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result};
 use kv_events::Hub;
 use prefix_index::{Index, IndexConfig};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Command-line options of `serve` (the AIBRIX_* variables are in [`Config`]).
 #[derive(Debug, Clone)]
 pub struct Options {
+    pub listen: SocketAddr,
     pub pods_file: Option<PathBuf>,
     pub namespaces: Vec<String>,
     pub pods_interval: Duration,
     pub index_max_bytes: usize,
+    pub tokenizer_timeout: Duration,
+    /// Port of a pod's own `/tokenize` when no remote tokenizer endpoint is configured.
+    pub pod_tokenizer_port: u16,
+    /// Approximate mode (KV sync off): how long a routing decision counts as cached.
+    pub approx_ttl: Duration,
+    pub approx_block_size: usize,
 }
 
-/// Runs until `shutdown` resolves; then stops every subscriber and waits for every task.
-pub async fn run(
-    cfg: Config,
-    opts: Options,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8090)),
+            pods_file: None,
+            namespaces: Vec::new(),
+            pods_interval: Duration::from_secs(1),
+            index_max_bytes: 1 << 30,
+            tokenizer_timeout: Duration::from_secs(5),
+            pod_tokenizer_port: 8000,
+            approx_ttl: Duration::from_secs(120),
+            approx_block_size: 16,
+        }
+    }
+}
+
+/// A running service.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the HTTP API listens.
+    pub addr: SocketAddr,
+    /// The manager's worker tasks (empty after `stop`).
+    pub tracker: TaskTracker,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, finishes in-flight requests, stops every subscriber, joins every task.
+    pub async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        self.task.await.context("service task")?
+    }
+}
+
+/// Starts everything; returns once the API listens.
+pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let index = Arc::new(Index::new(
         IndexConfig::default()
             .max_bytes(opts.index_max_bytes)
@@ -35,10 +80,10 @@ pub async fn run(
     ));
     let hub = if cfg.kv_sync {
         Some(Arc::new(
-            Hub::start().context("starting the ZeroMQ poller")?,
+            Hub::with_poll_timeout(cfg.poll_timeout).context("starting the ZeroMQ poller")?,
         ))
     } else {
-        tracing::info!("KV event sync is off: no subscriber will be created");
+        tracing::info!("KV event sync is off: approximate routing, no subscriber");
         None
     };
     let mcfg = ManagerConfig {
@@ -49,34 +94,73 @@ pub async fn run(
     let (events, scopes) = match &opts.pods_file {
         Some(path) => (source::file(path.clone(), opts.pods_interval), 1),
         None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes (in-cluster or KUBECONFIG); use --pods FILE without a cluster")?;
+            let client = kube::Client::try_default().await.context(
+                "connecting to Kubernetes (in-cluster or KUBECONFIG); use --pods FILE without a cluster",
+            )?;
             let n = opts.namespaces.len().max(1);
             (source::kubernetes(client, &opts.namespaces), n)
         }
     };
+    let metrics = Metrics::new(index.clone(), manager.stats(), manager.workers());
+    let state = Arc::new(AppState {
+        index: index.clone(),
+        pods: manager.pods(),
+        workers: manager.workers(),
+        metrics,
+        tokenizer: cfg
+            .tokenizer
+            .as_ref()
+            .map(|t| Tokenizer::new(&t.endpoint, opts.tokenizer_timeout)),
+        pod_tokenizer_port: opts.pod_tokenizer_port,
+        tokenizer_timeout: opts.tokenizer_timeout,
+        approx: (!cfg.kv_sync)
+            .then(|| Approx::new(opts.approx_ttl, opts.approx_block_size, 1 << 22)),
+        ready: manager.ready(),
+        selected: parking_lot::Mutex::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    tracing::info!(%addr, "API listening");
+    let stop = CancellationToken::new();
+    let tracker = manager.tracker();
     let mut ready = manager.ready();
-    let token = CancellationToken::new();
-    let task = tokio::spawn(manager.run(events, scopes, token.clone()));
-    tokio::pin!(shutdown);
-    tokio::select! {
-        () = &mut shutdown => {},
-        r = ready.wait_for(|r| *r) => {
-            if r.is_ok() {
-                tracing::info!("ready: the first pod list is applied");
+    let manager_task = tokio::spawn(manager.run(events, scopes, stop.clone()));
+    tokio::spawn(async move {
+        if ready.wait_for(|r| *r).await.is_ok() {
+            tracing::info!("ready: the first pod list is applied");
+        }
+    });
+    let server = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let task = tokio::spawn(async move {
+        let served = server.await.context("HTTP server");
+        manager_task.await.context("manager task")?;
+        if let Some(hub) = hub {
+            if let Ok(h) = Arc::try_unwrap(hub) {
+                h.shutdown();
             }
-            shutdown.await;
         }
-    }
-    token.cancel();
-    task.await.context("manager task")?;
-    if let Some(hub) = hub {
-        if let Ok(h) = Arc::try_unwrap(hub) {
-            h.shutdown();
-        }
-    }
-    let s = index.stats();
-    tracing::info!(blocks = s.blocks, workers = s.workers, "stopped");
-    Ok(())
+        let s = index.stats();
+        tracing::info!(blocks = s.blocks, workers = s.workers, "stopped");
+        served
+    });
+    Ok(Running {
+        addr,
+        tracker,
+        stop,
+        task,
+    })
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let running = start(cfg, opts).await?;
+    shutdown.await;
+    running.stop().await
 }

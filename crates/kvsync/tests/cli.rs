@@ -103,7 +103,13 @@ fn serve_on_a_pod_file_gets_ready_and_stops_cleanly_on_sigterm() {
         c.env_remove(k);
     }
     let mut child = c
-        .args(["serve", "--pods", file.to_str().expect("path")])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pods",
+            file.to_str().expect("path"),
+        ])
         .envs(TOKENIZER)
         .env("AIBRIX_KV_EVENT_SYNC_ENABLED", "true")
         .env("RUST_LOG", "info")

@@ -133,6 +133,13 @@ impl Index {
         }
     }
 
+    /// How many blocks `worker` holds (on any tier), if it is known.
+    pub fn worker_blocks(&self, worker: &WorkerId) -> Option<usize> {
+        let st = self.state.read();
+        let &w = st.worker_ids.get(worker)?;
+        st.workers[w as usize].as_ref().map(Worker::engine_len)
+    }
+
     /// Which workers hold the longest prefix of `tokens` in context (`model`, `lora`).
     pub fn lookup(&self, model: &str, lora: Option<&str>, tokens: &[u32]) -> Lookup {
         let tick = self.next_tick();

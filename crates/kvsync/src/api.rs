@@ -1,0 +1,414 @@
+//! The HTTP API: `POST /v1/route`, `GET /v1/pods`, `GET /v1/models`, `/healthz`, `/readyz`,
+//! `/metrics`.
+
+use crate::approx::Approx;
+use crate::manager::{PodTable, WorkerTable};
+use crate::metrics::Metrics;
+use crate::tokenizer::{Text, Tokenizer};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prefix_index::{Index, Tier, WorkerId};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// Everything the handlers read.
+#[derive(Debug)]
+pub struct AppState {
+    pub index: Arc<Index>,
+    pub pods: PodTable,
+    pub workers: WorkerTable,
+    pub metrics: Metrics,
+    /// The configured remote tokenizer, if any.
+    pub tokenizer: Option<Tokenizer>,
+    /// Port of a pod's own `/tokenize` when no tokenizer is configured.
+    pub pod_tokenizer_port: u16,
+    pub tokenizer_timeout: Duration,
+    /// Set when KV sync is off: decisions are remembered for a TTL instead.
+    pub approx: Option<Approx>,
+    pub ready: tokio::sync::watch::Receiver<bool>,
+    /// When each worker was last selected (tie-breaking); bounded by the workers of the pods.
+    pub selected: parking_lot::Mutex<HashMap<WorkerId, Instant>>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/route", post(route))
+        .route("/v1/pods", get(pods))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// A JSON error: `{"error": message}` with a status.
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({"error": msg.into()}))).into_response()
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first pod list",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// One candidate worker of a route request.
+struct Candidate {
+    worker: WorkerId,
+    address: String,
+    blocks: u32,
+    per_tier: [u32; Tier::COUNT],
+}
+
+async fn route(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unreadable request body (at most {MAX_BODY} bytes): {e}"),
+            )
+        }
+    };
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "the body must be a JSON object"),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
+    };
+    let Some(model) = req["model"].as_str().filter(|m| !m.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`model` (a non-empty string) is required",
+        );
+    };
+    let lora = match &req["lora"] {
+        Value::Null => None,
+        Value::String(l) if !l.is_empty() => Some(l.as_str()),
+        _ => return error(StatusCode::BAD_REQUEST, "`lora` must be a non-empty string"),
+    };
+    let given: Vec<&str> = ["token_ids", "prompt", "messages"]
+        .into_iter()
+        .filter(|k| !req[*k].is_null())
+        .collect();
+    if given.len() != 1 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("exactly one of `token_ids`, `prompt`, `messages` is required (got {given:?})"),
+        );
+    }
+    // Candidates: every eligible pod of the model, each rank.
+    let candidates: Vec<(WorkerId, String)> = {
+        let pods = s.pods.read();
+        pods.values()
+            .filter_map(|v| v.info.target.as_ref().ok().map(|t| (v, t)))
+            .filter(|(_, t)| t.model == model)
+            .flat_map(|(v, t)| {
+                (0..t.dp_size).map(move |r| (WorkerId::new(v.info.key.clone(), r), t.ip.clone()))
+            })
+            .collect()
+    };
+    if candidates.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown model {model:?}: no eligible pod serves it"),
+        );
+    }
+    let tokens: Vec<u32> = match given[0] {
+        "token_ids" => match req["token_ids"].as_array().map(|a| {
+            a.iter()
+                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect::<Option<Vec<u32>>>()
+        }) {
+            Some(Some(t)) if !t.is_empty() => t,
+            Some(Some(_)) => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`token_ids` must be an array of token ids (u32)",
+                )
+            }
+        },
+        "prompt" => {
+            let Some(p) = req["prompt"].as_str().filter(|p| !p.is_empty()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`prompt` must be a non-empty string",
+                );
+            };
+            let text = Text::Prompt {
+                prompt: p,
+                add_special_tokens: req["add_special_tokens"].as_bool().unwrap_or(true),
+            };
+            match tokenize(&s, model, &candidates, text).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            }
+        }
+        _ => {
+            let m = &req["messages"];
+            if m.as_array().is_none_or(|a| a.is_empty()) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`messages` must be a non-empty array",
+                );
+            }
+            let text = Text::Messages {
+                messages: m,
+                add_generation_prompt: req["add_generation_prompt"].as_bool().unwrap_or(true),
+                add_special_tokens: req["add_special_tokens"].as_bool().unwrap_or(false),
+            };
+            match tokenize(&s, model, &candidates, text).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            }
+        }
+    };
+
+    let t0 = Instant::now();
+    let (block_size, mut matched): (u32, HashMap<WorkerId, (u32, [u32; Tier::COUNT])>) =
+        match &s.approx {
+            None => {
+                let l = s.index.lookup(model, lora, &tokens);
+                (
+                    l.block_size.unwrap_or(0),
+                    l.matches
+                        .into_iter()
+                        .map(|m| (m.worker, (m.blocks, m.per_tier)))
+                        .collect(),
+                )
+            }
+            Some(a) => {
+                let l = a.lookup(model, lora, &tokens);
+                let bs = a.block_size() as u32;
+                (
+                    bs,
+                    candidates
+                        .iter()
+                        .filter_map(|(w, _)| {
+                            l.get(&format!("{}#{}", w.pod, w.dp_rank)).map(|n| {
+                                let mut per = [0; Tier::COUNT];
+                                per[Tier::Gpu as usize] = *n;
+                                (w.clone(), (*n, per))
+                            })
+                        })
+                        .collect(),
+                )
+            }
+        };
+    s.metrics
+        .api
+        .lookup_seconds
+        .observe(t0.elapsed().as_secs_f64());
+    let num_blocks = (tokens.len() as u32).checked_div(block_size).unwrap_or(0);
+    let mut list: Vec<Candidate> = candidates
+        .into_iter()
+        .map(|(w, address)| {
+            let (blocks, per_tier) = matched.remove(&w).unwrap_or((0, [0; Tier::COUNT]));
+            Candidate {
+                worker: w,
+                address,
+                blocks,
+                per_tier,
+            }
+        })
+        .collect();
+    // Best prefix first; among equals, the least recently selected, then by name.
+    let selected_at = s.selected.lock().clone();
+    let last = |w: &WorkerId| selected_at.get(w).copied();
+    list.sort_by(|a, b| {
+        b.blocks
+            .cmp(&a.blocks)
+            .then_with(|| last(&a.worker).cmp(&last(&b.worker)))
+            .then_with(|| a.worker.cmp(&b.worker))
+    });
+    let chosen = &list[0];
+    {
+        let mut sel = s.selected.lock();
+        sel.insert(chosen.worker.clone(), Instant::now());
+        if sel.len() > 4 * list.len() + 1024 {
+            // Forget workers that no longer exist.
+            let live: std::collections::HashSet<&WorkerId> =
+                list.iter().map(|c| &c.worker).collect();
+            sel.retain(|w, _| live.contains(w));
+        }
+    }
+    if let Some(a) = &s.approx {
+        a.record(
+            model,
+            lora,
+            &tokens,
+            &format!("{}#{}", chosen.worker.pod, chosen.worker.dp_rank),
+        );
+    }
+    let bucket = match chosen.blocks {
+        0 => "miss",
+        b if b >= num_blocks => "full",
+        _ => "partial",
+    };
+    s.metrics
+        .api
+        .route_decisions
+        .get_or_create(&vec![("bucket".to_owned(), bucket.to_owned())])
+        .inc();
+    let view = |c: &Candidate| {
+        let tier = Tier::ALL
+            .into_iter()
+            .find(|t| c.blocks > 0 && c.per_tier[*t as usize] == c.blocks)
+            .map(Tier::name);
+        json!({
+            "pod": c.worker.pod, "address": c.address, "dp_rank": c.worker.dp_rank,
+            "matched_blocks": c.blocks, "matched_tokens": c.blocks * block_size,
+            "tier": tier,
+        })
+    };
+    Json(json!({
+        "model": model,
+        "lora": lora,
+        "block_size": block_size,
+        "num_blocks": num_blocks,
+        "exact": s.approx.is_none(),
+        "selected": view(chosen),
+        "pods": list.iter().map(view).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+/// Tokenizes with the configured tokenizer, or a ready pod of the model.
+async fn tokenize(
+    s: &AppState,
+    model: &str,
+    candidates: &[(WorkerId, String)],
+    text: Text<'_>,
+) -> Result<Vec<u32>, Response> {
+    let pod_tokenizer;
+    let t = match &s.tokenizer {
+        Some(t) => t,
+        None => {
+            let ip = &candidates[0].1;
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.clone()
+            };
+            pod_tokenizer = Tokenizer::new(
+                &format!("http://{host}:{}", s.pod_tokenizer_port),
+                s.tokenizer_timeout,
+            );
+            &pod_tokenizer
+        }
+    };
+    match t.tokenize(model, text).await {
+        Ok(tokens) if !tokens.is_empty() => Ok(tokens),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "the text tokenizes to no token",
+        )),
+        Err(e) => {
+            s.metrics.api.tokenizer_errors.inc();
+            Err(error(
+                StatusCode::BAD_GATEWAY,
+                format!("tokenizer failed: {e}"),
+            ))
+        }
+    }
+}
+
+async fn pods(State(s): State<Arc<AppState>>) -> Response {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let pods = s.pods.read();
+    let workers = s.workers.read();
+    let list: Vec<Value> = pods
+        .values()
+        .map(|v| {
+            let (target, reason) = match &v.info.target {
+                Ok(t) => (Some(t), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            let ranks: Vec<Value> = target
+                .map(|t| {
+                    (0..t.dp_size)
+                        .map(|r| {
+                            let w = WorkerId::new(v.info.key.clone(), r);
+                            let info = workers.get(&w);
+                            let c = info.and_then(|i| i.counters.get());
+                            let ts = info.map_or(0.0, |i| f64::from_bits(i.last_ts.load(Relaxed)));
+                            json!({
+                                "dp_rank": r,
+                                "endpoint": t.endpoint(r),
+                                "state": c.map(|c| format!("{:?}", c.state())),
+                                "last_seq": c.and_then(|c| c.next_seq.load(Relaxed).checked_sub(1)),
+                                "lag_seconds": (ts > 0.0).then_some(now - ts),
+                                "gaps_repaired": c.map(|c| c.gaps_repaired.load(Relaxed)),
+                                "batches_lost": c.map(|c| c.batches_lost.load(Relaxed)),
+                                "blocks": s.index.worker_blocks(&w).unwrap_or(0),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "pod": v.info.key,
+                "model": target.map(|t| &t.model),
+                "lora": target.and_then(|t| t.lora.as_ref()),
+                "address": target.map(|t| &t.ip),
+                "eligible": target.is_some(),
+                "reason": reason,
+                "subscribed": v.subscribed,
+                "workers": ranks,
+            })
+        })
+        .collect();
+    Json(json!({ "pods": list })).into_response()
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    let mut by_model: std::collections::BTreeMap<String, (u32, u32)> = Default::default();
+    for v in s.pods.read().values() {
+        if let Ok(t) = &v.info.target {
+            let e = by_model.entry(t.model.clone()).or_default();
+            e.0 += 1;
+            e.1 += t.dp_size;
+        }
+    }
+    let list: Vec<Value> = by_model
+        .into_iter()
+        .map(|(m, (pods, workers))| {
+            json!({"model": m, "pods": pods, "workers": workers,
+                   "block_size": s.index.block_size(&m, None)})
+        })
+        .collect();
+    Json(json!({ "models": list })).into_response()
+}

@@ -1,0 +1,292 @@
+//! Prometheus metrics: typed families for what the API measures (lookup latency, route
+//! decisions), and a collector that reads the manager's, the subscribers' and the index's
+//! counters at scrape time, so per-worker series exist exactly while the worker does.
+
+use crate::manager::{ManagerStats, WorkerTable};
+use prefix_index::Index;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Metrics the API updates.
+#[derive(Debug, Clone)]
+pub struct ApiMetrics {
+    pub lookup_seconds: Histogram,
+    /// Route decisions by how much of the prompt the selected pod holds: miss, partial, full.
+    pub route_decisions: Family<Vec<(String, String)>, Counter>,
+    pub tokenizer_errors: Counter,
+}
+
+/// The registry and what it reads.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub api: ApiMetrics,
+}
+
+impl Metrics {
+    pub fn new(index: Arc<Index>, stats: Arc<ManagerStats>, workers: WorkerTable) -> Metrics {
+        let mut registry = Registry::with_prefix("kvsync");
+        let api = ApiMetrics {
+            lookup_seconds: Histogram::new([
+                5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 2e-2,
+            ]),
+            route_decisions: Family::default(),
+            tokenizer_errors: Counter::default(),
+        };
+        registry.register(
+            "lookup_seconds",
+            "Index lookup latency of a route request",
+            api.lookup_seconds.clone(),
+        );
+        registry.register(
+            "route_decisions",
+            "Route decisions by the selected pod's cached prefix (miss, partial, full)",
+            api.route_decisions.clone(),
+        );
+        registry.register(
+            "tokenizer_errors",
+            "Remote tokenizer failures (answered 502)",
+            api.tokenizer_errors.clone(),
+        );
+        registry.register_collector(Box::new(Collector {
+            index,
+            stats,
+            workers,
+        }));
+        Metrics { registry, api }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Debug)]
+struct Collector {
+    index: Arc<Index>,
+    stats: Arc<ManagerStats>,
+    workers: WorkerTable,
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.stats;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+        gauge(
+            &mut e,
+            "pods_known",
+            "Pods the source lists",
+            l(&s.pods_known) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "pods_eligible",
+            "Pods eligible for KV event sync",
+            l(&s.pods_eligible) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "workers_running",
+            "Worker (pod, rank) tasks alive",
+            l(&s.workers_running) as i64,
+        )?;
+        counter(
+            &mut e,
+            "subscriptions_started",
+            "Subscriptions started",
+            l(&s.subscriptions_started),
+        )?;
+        counter(
+            &mut e,
+            "batches_applied",
+            "Event batches applied to the index",
+            l(&s.batches_applied),
+        )?;
+        counter(
+            &mut e,
+            "events_applied",
+            "Events applied to the index",
+            l(&s.events_applied),
+        )?;
+        counter(
+            &mut e,
+            "events_rejected",
+            "Events the index or the subscriber refused",
+            l(&s.events_rejected),
+        )?;
+        counter(
+            &mut e,
+            "worker_resets",
+            "Workers cleared after lost batches or an engine restart",
+            l(&s.resets),
+        )?;
+        counter(
+            &mut e,
+            "gaps_repaired",
+            "Sequence gaps repaired by replay",
+            l(&s.gaps_repaired),
+        )?;
+        counter(
+            &mut e,
+            "batches_lost",
+            "Batches lost (gaps replay could not repair)",
+            l(&s.batches_lost),
+        )?;
+        counter(
+            &mut e,
+            "engine_restarts",
+            "Engine restarts seen (seq went back)",
+            l(&s.restarts),
+        )?;
+        counter(
+            &mut e,
+            "decode_errors",
+            "Batches that did not decode",
+            l(&s.malformed),
+        )?;
+        counter(
+            &mut e,
+            "bad_frames",
+            "Messages that are not vLLM frames",
+            l(&s.bad_frames),
+        )?;
+
+        // Subscribers by state, replays, reconnects and lag, summed over workers; and the
+        // blocks each worker holds (series removed with the worker).
+        let workers = self.workers.read();
+        let mut by_state = [0i64; 5];
+        let (mut replays_req, mut replays_ok, mut replays_failed, mut connects) = (0, 0, 0, 0);
+        let mut max_lag = 0.0f64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut held: Vec<(Vec<(String, String)>, i64)> = Vec::new();
+        for (w, info) in workers.iter() {
+            if let Some(c) = info.counters.get() {
+                by_state[(c.state() as usize).min(4)] += 1;
+                replays_req += l(&c.replays_requested);
+                replays_ok += l(&c.replays_completed);
+                replays_failed += l(&c.replays_failed);
+                connects += l(&c.connects);
+            }
+            let ts = f64::from_bits(l(&info.last_ts));
+            if ts > 0.0 {
+                max_lag = max_lag.max(now - ts);
+            }
+            let labels = vec![
+                ("pod".to_owned(), w.pod.clone()),
+                ("rank".to_owned(), w.dp_rank.to_string()),
+            ];
+            held.push((labels, self.index.worker_blocks(w).unwrap_or(0) as i64));
+        }
+        drop(workers);
+        let mut m = e.encode_descriptor(
+            "subscribers",
+            "Subscribers by state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, name) in ["connecting", "live", "replaying", "backing_off", "stopped"]
+            .iter()
+            .enumerate()
+        {
+            let labels = vec![("state".to_owned(), (*name).to_owned())];
+            ConstGauge::new(by_state[i]).encode(m.encode_family(&labels)?)?;
+        }
+        counter(
+            &mut e,
+            "replays_requested",
+            "Replay requests sent",
+            replays_req,
+        )?;
+        counter(
+            &mut e,
+            "replays_succeeded",
+            "Replays that ended with the end marker",
+            replays_ok,
+        )?;
+        counter(
+            &mut e,
+            "replays_failed",
+            "Replays that timed out or could not be sent",
+            replays_failed,
+        )?;
+        counter(
+            &mut e,
+            "connects",
+            "Subscriber connections established",
+            connects,
+        )?;
+        let lag = ConstGauge::new(max_lag);
+        lag.encode(e.encode_descriptor(
+            "event_lag_seconds",
+            "Largest (now - batch ts) over workers at their last batch",
+            None,
+            lag.metric_type(),
+        )?)?;
+        let mut m = e.encode_descriptor(
+            "worker_blocks",
+            "Blocks each worker holds",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, v) in &held {
+            ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+        }
+
+        let st = self.index.stats();
+        gauge(
+            &mut e,
+            "index_contexts",
+            "Index (model, LoRA) contexts",
+            st.contexts as i64,
+        )?;
+        gauge(&mut e, "index_workers", "Index workers", st.workers as i64)?;
+        gauge(
+            &mut e,
+            "index_blocks",
+            "Distinct blocks in the index",
+            st.blocks as i64,
+        )?;
+        gauge(
+            &mut e,
+            "index_bytes",
+            "The index's accounting of its memory",
+            st.bytes as i64,
+        )?;
+        counter(
+            &mut e,
+            "index_evictions",
+            "Blocks evicted by the budget or limits",
+            st.evictions,
+        )?;
+        counter(
+            &mut e,
+            "index_orphans",
+            "Stores whose parent was unknown",
+            st.orphans,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,442 @@
+//! The service on port 0: real HTTP, a test tokenizer speaking vLLM's `/tokenize` schema, pods
+//! from a pod file whose subscribers are fed by real ZeroMQ publishers (pyzmq).
+
+#[path = "../../kv-events/tests/support/mod.rs"]
+mod support;
+
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
+use kvsync::config::{Config, RemoteTokenizer, TokenizerEngine};
+use kvsync::serve::{self, Options};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use support::Publisher;
+
+const MODEL: &str = "llama";
+
+/// The test tokenizer: each whitespace-separated word that is a number is that token id;
+/// chat messages are their contents in order, plus token 9999 for the generation prompt.
+async fn tokenizer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    async fn tokenize(Json(req): Json<Value>) -> Json<Value> {
+        let words = |s: &str| -> Vec<u32> {
+            s.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        };
+        let mut tokens = match req["prompt"].as_str() {
+            Some(p) => words(p),
+            None => req["messages"]
+                .as_array()
+                .map(|ms| {
+                    ms.iter()
+                        .flat_map(|m| words(m["content"].as_str().unwrap_or("")))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        if req["add_generation_prompt"].as_bool() == Some(true) {
+            tokens.push(9999);
+        }
+        Json(json!({"count": tokens.len(), "max_model_len": 8192, "tokens": tokens}))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, Router::new().route("/tokenize", post(tokenize))).await;
+    });
+    (addr, task)
+}
+
+fn pod_yaml(name: &str, p: &Publisher) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: ml\n  uid: {name}\n  labels:\n    model.aibrix.ai/kv-events-enabled: \"true\"\n    model.aibrix.ai/name: {MODEL}\n  annotations:\n    model.aibrix.ai/kv-events-port: \"{}\"\n    model.aibrix.ai/kv-events-replay-port: \"{}\"\nstatus:\n  phase: Running\n  podIP: 127.0.0.1\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
+        p.pub_port, p.replay_port
+    )
+}
+
+fn stored(seq: u64, hashes: &[u64], parent: Option<u64>, tokens: Vec<u32>) -> Vec<u8> {
+    encode(
+        &EventBatch {
+            ts: 1_700_000_000.0 + seq as f64,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: hashes.iter().copied().map(BlockHash::Uint).collect(),
+                parent_block_hash: parent.map(BlockHash::Uint),
+                token_ids: tokens,
+                block_size: 4,
+                ..Default::default()
+            })],
+            data_parallel_rank: Some(0),
+        },
+        &WireFormat::VLLM_0_33,
+    )
+}
+
+struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl Http {
+    fn new(addr: SocketAddr) -> Http {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let resp = self.client.request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, bytes.to_vec())
+    }
+
+    async fn route(&self, body: &Value) -> (u16, Value) {
+        let (s, b) = self
+            .call("POST", "/v1/route", body.to_string().into_bytes())
+            .await;
+        (s, serde_json::from_slice(&b).expect("JSON answer"))
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let (s, b) = self.call("GET", path, Vec::new()).await;
+        assert_eq!(s, 200, "{path}");
+        serde_json::from_slice(&b).expect("json")
+    }
+}
+
+fn config(kv_sync: bool, tokenizer: SocketAddr) -> Config {
+    Config {
+        kv_sync,
+        tokenizer: Some(RemoteTokenizer {
+            engine: TokenizerEngine::Vllm,
+            endpoint: format!("http://{tokenizer}"),
+        }),
+        poll_timeout: Duration::from_millis(100),
+        replay_timeout: Duration::from_secs(5),
+        max_contexts: 1000,
+        max_prefixes_per_context: 10_000,
+    }
+}
+
+fn options(pods_file: std::path::PathBuf) -> Options {
+    Options {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        pods_file: Some(pods_file),
+        pods_interval: Duration::from_millis(50),
+        tokenizer_timeout: Duration::from_secs(2),
+        ..Options::default()
+    }
+}
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvsync-svc-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let f = dir.join("pods.yaml");
+    std::fs::write(&f, text).expect("write");
+    f
+}
+
+/// Publishes until the pod's worker holds `want` blocks (the subscription needs a message to
+/// prove it is through; replay covers the rest).
+async fn feed(http: &Http, p: &mut Publisher, pod: &str, batches: &[Vec<u8>], want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seq = 0u64;
+    for b in batches {
+        p.send(seq, b);
+        seq += 1;
+    }
+    loop {
+        let pods = http.get_json("/v1/pods").await;
+        let blocks = pods["pods"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["pod"] == pod))
+            .and_then(|x| x["workers"][0]["blocks"].as_u64())
+            .unwrap_or(0);
+        if blocks >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod} never reached {want} blocks: {pods}"
+        );
+        // An empty batch moves the seq on, so a subscriber that joined late sees the gap and
+        // replays the stores.
+        let empty = encode(
+            &EventBatch {
+                ts: 0.0,
+                events: vec![],
+                data_parallel_rank: Some(0),
+            },
+            &WireFormat::VLLM_0_33,
+        );
+        p.send(seq, &empty);
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metrics() {
+    let (tok_addr, tok_task) = tokenizer().await;
+    let mut a = Publisher::start(&[]);
+    let mut b = Publisher::start(&[]);
+    let file = temp_file(
+        "route",
+        &format!("{}---\n{}", pod_yaml("a", &a), pod_yaml("b", &b)),
+    );
+    let running = serve::start(config(true, tok_addr), options(file))
+        .await
+        .expect("service");
+    let http = Http::new(running.addr);
+    let tokens: Vec<u32> = (1..=16).collect();
+    // Pod a caches 4 blocks of tokens 1..=16; pod b the first 2.
+    feed(
+        &http,
+        &mut a,
+        "ml/a",
+        &[stored(0, &[11, 12, 13, 14], None, tokens.clone())],
+        4,
+    )
+    .await;
+    feed(
+        &http,
+        &mut b,
+        "ml/b",
+        &[stored(0, &[21, 22], None, tokens[..8].to_vec())],
+        2,
+    )
+    .await;
+
+    let expect = |r: &Value| {
+        let pods: Vec<(String, u64)> = r["pods"]
+            .as_array()
+            .expect("pods")
+            .iter()
+            .map(|p| {
+                (
+                    p["pod"].as_str().unwrap_or("").to_owned(),
+                    p["matched_blocks"].as_u64().unwrap_or(99),
+                )
+            })
+            .collect();
+        pods
+    };
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "token_ids": tokens}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(
+        expect(&r),
+        [("ml/a".to_owned(), 4), ("ml/b".to_owned(), 2)],
+        "{r}"
+    );
+    assert_eq!(
+        (r["block_size"].as_u64(), r["num_blocks"].as_u64()),
+        (Some(4), Some(4))
+    );
+    assert_eq!(r["selected"]["pod"], "ml/a");
+    assert_eq!(r["selected"]["matched_tokens"], 16);
+    assert_eq!(r["selected"]["tier"], "gpu");
+    assert_eq!(r["selected"]["address"], "127.0.0.1");
+
+    let prompt = (1..=10)
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (s, r) = http.route(&json!({"model": MODEL, "prompt": prompt})).await;
+    assert_eq!(s, 200, "{r}");
+    // 10 tokens: 2 full blocks, which both pods hold.
+    assert_eq!(expect(&r).len(), 2, "{r}");
+    assert!(expect(&r).iter().all(|(_, n)| *n == 2), "{r}");
+    // Ties rotate: the pod selected last time is not selected again.
+    let first = r["selected"]["pod"].clone();
+    let (_, r2) = http.route(&json!({"model": MODEL, "prompt": prompt})).await;
+    assert_ne!(
+        r2["selected"]["pod"], first,
+        "least recently selected among the best"
+    );
+
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "messages": [{"role": "user", "content": "1 2 3 4 5 6 7 8 9 10 11 12 13"}]}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    // 13 words + the generation-prompt token = 14 tokens: 3 full blocks; a holds 3, b 2.
+    assert_eq!(
+        expect(&r),
+        [("ml/a".to_owned(), 3), ("ml/b".to_owned(), 2)],
+        "{r}"
+    );
+
+    // Bad input: status and a JSON error naming the problem.
+    let (s, b) = http.call("POST", "/v1/route", b"{not json".to_vec()).await;
+    let e: Value = serde_json::from_slice(&b).expect("json error");
+    assert_eq!(s, 400);
+    assert!(
+        e["error"].as_str().unwrap_or("").contains("malformed JSON"),
+        "{e}"
+    );
+    let cases = [
+        (json!({"token_ids": [1, 2]}), 400, "`model`"),
+        (
+            json!({"model": MODEL, "token_ids": []}),
+            400,
+            "`token_ids` is empty",
+        ),
+        (
+            json!({"model": MODEL, "token_ids": [1, -2]}),
+            400,
+            "`token_ids` must be",
+        ),
+        (json!({"model": MODEL}), 400, "exactly one of"),
+        (
+            json!({"model": MODEL, "prompt": "1", "token_ids": [1]}),
+            400,
+            "exactly one of",
+        ),
+        (
+            json!({"model": "gpt-x", "token_ids": [1, 2]}),
+            404,
+            "unknown model",
+        ),
+    ];
+    for (body, status, msg) in cases {
+        let (s, r) = http.route(&body).await;
+        assert_eq!(s, status, "{body}: {r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains(msg),
+            "{body}: {r}"
+        );
+    }
+    let big = format!(
+        "{{\"model\":\"{MODEL}\",\"token_ids\":[{}1]}}",
+        "1,".repeat(3 << 20)
+    );
+    let (s, b) = http.call("POST", "/v1/route", big.into_bytes()).await;
+    let e: Value = serde_json::from_slice(&b).expect("json error");
+    assert_eq!(s, 400, "{e}");
+    assert!(e["error"].as_str().unwrap_or("").contains("body"), "{e}");
+
+    // /metrics through a Prometheus text parser.
+    let (s, text) = http.call("GET", "/metrics", Vec::new()).await;
+    assert_eq!(s, 200);
+    let text = String::from_utf8(text).expect("utf-8");
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name} {label:?} missing from\n{text}"))
+    };
+    // Four routes so far, each selecting a pod that holds every full block of its prompt.
+    assert_eq!(
+        value("kvsync_route_decisions_total", Some(("bucket", "full"))),
+        4.0
+    );
+    assert_eq!(value("kvsync_subscribers", Some(("state", "live"))), 2.0);
+    assert_eq!(value("kvsync_index_blocks", None), 4.0);
+    assert_eq!(value("kvsync_worker_blocks", Some(("pod", "ml/a"))), 4.0);
+    assert_eq!(value("kvsync_worker_blocks", Some(("pod", "ml/b"))), 2.0);
+    assert!(value("kvsync_events_applied_total", None) >= 2.0);
+    assert!(text.contains("kvsync_lookup_seconds_bucket"), "{text}");
+
+    // /v1/models, /healthz, /readyz.
+    let m = http.get_json("/v1/models").await;
+    assert_eq!(m["models"][0]["model"], MODEL);
+    assert_eq!(m["models"][0]["pods"], 2);
+    assert_eq!(http.call("GET", "/healthz", Vec::new()).await.0, 200);
+    assert_eq!(http.call("GET", "/readyz", Vec::new()).await.0, 200);
+
+    // The tokenizer down: 502 naming it.
+    tok_task.abort();
+    let _ = tok_task.await;
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "prompt": "1 2 3 4"}))
+        .await;
+    assert_eq!(s, 502, "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("tokenizer"),
+        "{r}"
+    );
+
+    let tracker = running.tracker.clone();
+    running.stop().await.expect("clean stop");
+    assert_eq!(tracker.len(), 0, "no task left running");
+    assert!(
+        tokio::net::TcpStream::connect(http.base.trim_start_matches("http://"))
+            .await
+            .is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approximate_routing_when_kv_sync_is_off() {
+    let (tok_addr, _tok) = tokenizer().await;
+    let a = Publisher::start(&[]);
+    let b = Publisher::start(&[]);
+    let file = temp_file(
+        "approx",
+        &format!("{}---\n{}", pod_yaml("a", &a), pod_yaml("b", &b)),
+    );
+    let mut opts = options(file);
+    opts.approx_block_size = 4;
+    let running = serve::start(config(false, tok_addr), opts)
+        .await
+        .expect("service");
+    let http = Http::new(running.addr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get_json("/v1/models").await["models"]
+        .as_array()
+        .is_none_or(|m| m.is_empty())
+    {
+        assert!(Instant::now() < deadline, "pods never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = json!({"model": MODEL, "token_ids": (1..=12).collect::<Vec<u32>>()});
+    let (s, r1) = http.route(&body).await;
+    assert_eq!(s, 200, "{r1}");
+    assert_eq!(r1["exact"], false);
+    assert_eq!(
+        r1["selected"]["matched_blocks"], 0,
+        "nothing remembered yet"
+    );
+    let (_, r2) = http.route(&body).await;
+    assert_eq!(
+        r2["selected"]["pod"], r1["selected"]["pod"],
+        "sticks to the pod it sent the prefix to"
+    );
+    assert_eq!(r2["selected"]["matched_blocks"], 3);
+    let pods = http.get_json("/v1/pods").await;
+    assert!(
+        pods["pods"]
+            .as_array()
+            .expect("pods")
+            .iter()
+            .all(|p| p["subscribed"] == false),
+        "{pods}"
+    );
+    running.stop().await.expect("clean stop");
+}
