@@ -80,6 +80,52 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// The body of `POST /v1/route` (unknown fields are ignored).
+#[derive(Debug, serde::Deserialize)]
+struct RouteRequest {
+    model: Option<String>,
+    lora: Option<String>,
+    token_ids: Option<TokenIds>,
+    prompt: Option<String>,
+    messages: Option<Value>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+}
+
+/// Token ids read straight into a `Vec<u32>` (no intermediate JSON values).
+#[derive(Debug)]
+struct TokenIds(Vec<u32>);
+
+impl<'de> serde::Deserialize<'de> for TokenIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TokenIds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`token_ids` must be an array of token ids (u32)")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<TokenIds, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                loop {
+                    match seq.next_element::<u32>() {
+                        Ok(Some(t)) => v.push(t),
+                        Ok(None) => return Ok(TokenIds(v)),
+                        Err(_) => {
+                            return Err(serde::de::Error::custom(
+                                "`token_ids` must be an array of token ids (u32)",
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
 /// One candidate worker of a route request.
 struct Candidate {
     worker: WorkerId,
@@ -101,26 +147,36 @@ async fn route(
             )
         }
     };
-    let req: Value = match serde_json::from_slice(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "the body must be a JSON object"),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
+    let req: RouteRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            return error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"))
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
     };
-    let Some(model) = req["model"].as_str().filter(|m| !m.is_empty()) else {
+    let Some(model) = req.model.as_deref().filter(|m| !m.is_empty()) else {
         return error(
             StatusCode::BAD_REQUEST,
             "`model` (a non-empty string) is required",
         );
     };
-    let lora = match &req["lora"] {
-        Value::Null => None,
-        Value::String(l) if !l.is_empty() => Some(l.as_str()),
-        _ => return error(StatusCode::BAD_REQUEST, "`lora` must be a non-empty string"),
+    let lora = match req.lora.as_deref() {
+        None => None,
+        Some("") => return error(StatusCode::BAD_REQUEST, "`lora` must be a non-empty string"),
+        Some(l) => Some(l),
     };
-    let given: Vec<&str> = ["token_ids", "prompt", "messages"]
-        .into_iter()
-        .filter(|k| !req[*k].is_null())
-        .collect();
+    let given: Vec<&str> = [
+        ("token_ids", req.token_ids.is_some()),
+        ("prompt", req.prompt.is_some()),
+        (
+            "messages",
+            req.messages.as_ref().is_some_and(|m| !m.is_null()),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(k, _)| k)
+    .collect();
     if given.len() != 1 {
         return error(
             StatusCode::BAD_REQUEST,
@@ -145,22 +201,12 @@ async fn route(
         );
     }
     let tokens: Vec<u32> = match given[0] {
-        "token_ids" => match req["token_ids"].as_array().map(|a| {
-            a.iter()
-                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-                .collect::<Option<Vec<u32>>>()
-        }) {
-            Some(Some(t)) if !t.is_empty() => t,
-            Some(Some(_)) => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "`token_ids` must be an array of token ids (u32)",
-                )
-            }
+        "token_ids" => match req.token_ids {
+            Some(TokenIds(t)) if !t.is_empty() => t,
+            _ => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
         },
         "prompt" => {
-            let Some(p) = req["prompt"].as_str().filter(|p| !p.is_empty()) else {
+            let Some(p) = req.prompt.as_deref().filter(|p| !p.is_empty()) else {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "`prompt` must be a non-empty string",
@@ -168,7 +214,7 @@ async fn route(
             };
             let text = Text::Prompt {
                 prompt: p,
-                add_special_tokens: req["add_special_tokens"].as_bool().unwrap_or(true),
+                add_special_tokens: req.add_special_tokens.unwrap_or(true),
             };
             match tokenize(&s, model, &candidates, text).await {
                 Ok(t) => t,
@@ -176,7 +222,7 @@ async fn route(
             }
         }
         _ => {
-            let m = &req["messages"];
+            let m = req.messages.as_ref().unwrap_or(&Value::Null);
             if m.as_array().is_none_or(|a| a.is_empty()) {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -185,8 +231,8 @@ async fn route(
             }
             let text = Text::Messages {
                 messages: m,
-                add_generation_prompt: req["add_generation_prompt"].as_bool().unwrap_or(true),
-                add_special_tokens: req["add_special_tokens"].as_bool().unwrap_or(false),
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                add_special_tokens: req.add_special_tokens.unwrap_or(false),
             };
             match tokenize(&s, model, &candidates, text).await {
                 Ok(t) => t,
@@ -281,27 +327,52 @@ async fn route(
         .route_decisions
         .get_or_create(&vec![("bucket".to_owned(), bucket.to_owned())])
         .inc();
-    let view = |c: &Candidate| {
+    fn view(c: &Candidate, block_size: u32) -> PodMatch<'_> {
         let tier = Tier::ALL
             .into_iter()
             .find(|t| c.blocks > 0 && c.per_tier[*t as usize] == c.blocks)
             .map(Tier::name);
-        json!({
-            "pod": c.worker.pod, "address": c.address, "dp_rank": c.worker.dp_rank,
-            "matched_blocks": c.blocks, "matched_tokens": c.blocks * block_size,
-            "tier": tier,
-        })
+        PodMatch {
+            pod: &c.worker.pod,
+            address: &c.address,
+            dp_rank: c.worker.dp_rank,
+            matched_blocks: c.blocks,
+            matched_tokens: c.blocks * block_size,
+            tier,
+        }
+    }
+    // Typed and serialized in one pass (no intermediate JSON values).
+    let answer = RouteAnswer {
+        model,
+        lora,
+        block_size,
+        num_blocks,
+        exact: s.approx.is_none(),
+        selected: view(chosen, block_size),
+        pods: list.iter().map(|c| view(c, block_size)).collect(),
     };
-    Json(json!({
-        "model": model,
-        "lora": lora,
-        "block_size": block_size,
-        "num_blocks": num_blocks,
-        "exact": s.approx.is_none(),
-        "selected": view(chosen),
-        "pods": list.iter().map(view).collect::<Vec<_>>(),
-    }))
-    .into_response()
+    Json(answer).into_response()
+}
+
+#[derive(serde::Serialize)]
+struct PodMatch<'a> {
+    pod: &'a str,
+    address: &'a str,
+    dp_rank: u32,
+    matched_blocks: u32,
+    matched_tokens: u32,
+    tier: Option<&'static str>,
+}
+
+#[derive(serde::Serialize)]
+struct RouteAnswer<'a> {
+    model: &'a str,
+    lora: Option<&'a str>,
+    block_size: u32,
+    num_blocks: u32,
+    exact: bool,
+    selected: PodMatch<'a>,
+    pods: Vec<PodMatch<'a>>,
 }
 
 /// Tokenizes with the configured tokenizer, or a ready pod of the model.

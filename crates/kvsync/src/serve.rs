@@ -132,6 +132,10 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             tracing::info!("ready: the first pod list is applied");
         }
     });
+    // Responses go out at once (no Nagle delay behind a small write).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let task = tokio::spawn(async move {
