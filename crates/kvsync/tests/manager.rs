@@ -148,6 +148,25 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Publishes stores from `p` (as rank `rank`, seqs from `seq`) until `pod`'s worker of that
+    /// rank holds the block: a subscription needs a message to prove it is through. Returns
+    /// the next seq.
+    async fn feed(&self, p: &mut Publisher, pod: &str, rank: u32, mut seq: u64) -> u64 {
+        let first = seq;
+        while self.held_by(pod, rank) == 0 {
+            p.send(seq, &stored(seq, rank));
+            seq += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                seq - first < 500,
+                "events for {pod} rank {rank} never reached the index"
+            );
+        }
+        seq
+    }
+}
+
 fn test_config() -> ManagerConfig {
     ManagerConfig {
         heartbeat: Duration::from_millis(200),
@@ -206,14 +225,7 @@ async fn subscribed_exactly_once_and_only_when_ready() {
         ports,
         json!({"labels": {"team": "a"}}),
     ));
-    p.send(0, &stored(0, 0));
-    let mut seq = 1;
-    while f.held_by("ml/vllm-0", 0) == 0 {
-        p.send(seq, &stored(seq, 0));
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(seq < 500, "events never reached the index");
-    }
+    f.feed(&mut p, "ml/vllm-0", 0, 0).await;
     assert_eq!(started(), 1, "exactly once");
     assert_eq!(f.stats.workers_running.load(Relaxed), 1);
     f.stop().await;
@@ -235,13 +247,7 @@ async fn ip_change_replaces_the_subscriber_and_drops_the_old_blocks() {
         ports,
         json!({}),
     ));
-    let mut seq = 0;
-    while f.held_by("ml/vllm-0", 0) == 0 {
-        a.send(seq, &stored(seq, 0));
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(seq < 500, "events from the first IP never arrived");
-    }
+    let seq = f.feed(&mut a, "ml/vllm-0", 0, 0).await;
     f.api.apply(pod(
         "vllm-0",
         "u1",
@@ -261,13 +267,7 @@ async fn ip_change_replaces_the_subscriber_and_drops_the_old_blocks() {
     .await;
     // The old publisher's events no longer count; the new one's do.
     a.send(seq, &stored(seq, 0));
-    let mut seq_b = 0;
-    while f.held_by("ml/vllm-0", 0) == 0 {
-        b.send(seq_b, &stored(seq_b, 0));
-        seq_b += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(seq_b < 500, "events from the new IP never arrived");
-    }
+    f.feed(&mut b, "ml/vllm-0", 0, 0).await;
     assert_eq!(
         f.stats.workers_running.load(Relaxed),
         1,
@@ -387,14 +387,8 @@ async fn data_parallel_size_two_subscribes_ports_plus_zero_and_plus_one() {
         f.stats.workers_running.load(Relaxed) == 2
     })
     .await;
-    let mut seq = 0;
-    while f.held_by("ml/dp", 0) == 0 || f.held_by("ml/dp", 1) == 0 {
-        r0.send(seq, &stored(seq, 0));
-        r1.send(seq, &stored(seq, 1));
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(seq < 500, "both ranks never arrived");
-    }
+    f.feed(&mut r0, "ml/dp", 0, 0).await;
+    f.feed(&mut r1, "ml/dp", 1, 0).await;
     assert_eq!(
         f.stats.events_rejected.load(Relaxed),
         0,
@@ -569,13 +563,7 @@ async fn container_restart_is_a_new_incarnation_and_a_crash_loop_is_backed_off()
         ports,
         json!({}),
     ));
-    let mut seq = 0;
-    while f.held_by("ml/cl", 0) == 0 {
-        p.send(seq, &stored(seq, 0));
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(seq < 500, "events never arrived");
-    }
+    f.feed(&mut p, "ml/cl", 0, 0).await;
     // The container restarts five times in a row: each is a new engine, whose blocks are
     // unknown; the re-subscriptions wait (1 s and more) and each waiting one is superseded.
     for restarts in 1..=5 {
