@@ -200,11 +200,8 @@ async fn route(
             format!("unknown model {model:?}: no eligible pod serves it"),
         );
     }
-    let tokens: Vec<u32> = match given[0] {
-        "token_ids" => match req.token_ids {
-            Some(TokenIds(t)) if !t.is_empty() => t,
-            _ => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
-        },
+    let text = match given[0] {
+        "token_ids" => None,
         "prompt" => {
             let Some(p) = req.prompt.as_deref().filter(|p| !p.is_empty()) else {
                 return error(
@@ -212,14 +209,10 @@ async fn route(
                     "`prompt` must be a non-empty string",
                 );
             };
-            let text = Text::Prompt {
+            Some(Text::Prompt {
                 prompt: p,
                 add_special_tokens: req.add_special_tokens.unwrap_or(true),
-            };
-            match tokenize(&s, model, &candidates, text).await {
-                Ok(t) => t,
-                Err(r) => return r,
-            }
+            })
         }
         _ => {
             let m = req.messages.as_ref().unwrap_or(&Value::Null);
@@ -229,16 +222,22 @@ async fn route(
                     "`messages` must be a non-empty array",
                 );
             }
-            let text = Text::Messages {
+            Some(Text::Messages {
                 messages: m,
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
                 add_special_tokens: req.add_special_tokens.unwrap_or(false),
-            };
-            match tokenize(&s, model, &candidates, text).await {
-                Ok(t) => t,
-                Err(r) => return r,
-            }
+            })
         }
+    };
+    let tokens: Vec<u32> = match text {
+        None => match req.token_ids {
+            Some(TokenIds(t)) if !t.is_empty() => t,
+            _ => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
+        },
+        Some(text) => match tokenize(&s, model, &candidates, text).await {
+            Ok(t) => t,
+            Err(r) => return r,
+        },
     };
 
     let t0 = Instant::now();
