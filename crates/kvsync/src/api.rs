@@ -288,26 +288,25 @@ async fn route(
             }
         })
         .collect();
-    // Best prefix first; among equals, the least recently selected, then by name.
-    let selected_at = s.selected.lock().clone();
-    let last = |w: &WorkerId| selected_at.get(w).copied();
-    list.sort_by(|a, b| {
-        b.blocks
-            .cmp(&a.blocks)
-            .then_with(|| last(&a.worker).cmp(&last(&b.worker)))
-            .then_with(|| a.worker.cmp(&b.worker))
-    });
-    let chosen = &list[0];
-    {
+    // Best prefix first; among equals, the least recently selected, then by name. One lock
+    // over the choice and its record, so concurrent requests rotate rather than pile up.
+    let chosen = {
         let mut sel = s.selected.lock();
-        sel.insert(chosen.worker.clone(), Instant::now());
+        list.sort_by(|a, b| {
+            b.blocks
+                .cmp(&a.blocks)
+                .then_with(|| sel.get(&a.worker).cmp(&sel.get(&b.worker)))
+                .then_with(|| a.worker.cmp(&b.worker))
+        });
+        sel.insert(list[0].worker.clone(), Instant::now());
         if sel.len() > 4 * list.len() + 1024 {
             // Forget workers that no longer exist.
             let live: std::collections::HashSet<&WorkerId> =
                 list.iter().map(|c| &c.worker).collect();
             sel.retain(|w, _| live.contains(w));
         }
-    }
+        &list[0]
+    };
     if let Some(a) = &s.approx {
         a.record(
             model,

@@ -122,7 +122,11 @@ pub struct Manager {
     entries: HashMap<String, Entry>,
     relisting: HashMap<usize, HashSet<String>>,
     listed_scopes: HashSet<usize>,
-    locks: HashMap<WorkerId, Arc<AsyncMutex<()>>>,
+    /// Per pod, per rank: held by a worker task for its whole life, so the next incarnation's
+    /// task of that worker starts after the previous one has cleaned up.
+    locks: HashMap<String, HashMap<u32, Arc<AsyncMutex<()>>>>,
+    /// Pods in `pods` that are eligible (kept as they change, not recounted per event).
+    eligible: u64,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     stats: Arc<ManagerStats>,
@@ -144,6 +148,7 @@ impl Manager {
             relisting: HashMap::new(),
             listed_scopes: HashSet::new(),
             locks: HashMap::new(),
+            eligible: 0,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             stats: Arc::new(ManagerStats::default()),
@@ -240,14 +245,7 @@ impl Manager {
         self.stats
             .pods_known
             .store(self.entries.len() as u64, Relaxed);
-        self.stats.pods_eligible.store(
-            self.pods
-                .read()
-                .values()
-                .filter(|v| v.info.target.is_ok())
-                .count() as u64,
-            Relaxed,
-        );
+        self.stats.pods_eligible.store(self.eligible, Relaxed);
     }
 
     fn upsert(&mut self, scope: usize, pod: &k8s_openapi::api::core::v1::Pod) {
@@ -304,7 +302,19 @@ impl Manager {
             }
         }
         let subscribed = self.entries.get(&key).is_some_and(|e| e.run.is_some());
-        self.pods.write().insert(key, PodView { info, subscribed });
+        let now_eligible = info.target.is_ok();
+        let old = self.pods.write().insert(key, PodView { info, subscribed });
+        self.count_eligible(old.as_ref(), now_eligible);
+    }
+
+    /// Keeps `eligible` in step with a replaced (or removed) pod view.
+    fn count_eligible(&mut self, old: Option<&PodView>, now: bool) {
+        if old.is_some_and(|v| v.info.target.is_ok()) {
+            self.eligible -= 1;
+        }
+        if now {
+            self.eligible += 1;
+        }
     }
 
     fn remove(&mut self, key: &str) {
@@ -314,9 +324,10 @@ impl Manager {
                 r.cancel.cancel();
             }
         }
-        self.pods.write().remove(key);
+        let old = self.pods.write().remove(key);
+        self.count_eligible(old.as_ref(), false);
         // Locks of this pod's workers: tasks still running hold their own clones.
-        self.locks.retain(|w, _| w.pod != key);
+        self.locks.remove(key);
     }
 
     fn spawn_worker(
@@ -329,7 +340,13 @@ impl Manager {
         hub: Arc<Hub>,
     ) {
         let worker = WorkerId::new(key, rank);
-        let lock = self.locks.entry(worker.clone()).or_default().clone();
+        let lock = self
+            .locks
+            .entry(key.to_owned())
+            .or_default()
+            .entry(rank)
+            .or_default()
+            .clone();
         let mut sub = SubscriberConfig::new(format!("{key} rank {rank}"), t.endpoint(rank))
             .replay(t.replay_endpoint(rank));
         sub.topic = t.topic.clone().into_bytes();

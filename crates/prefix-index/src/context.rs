@@ -401,8 +401,4 @@ impl Context {
             .filter(|(_, b)| !b.is_free())
             .map(|(i, _)| i as u32)
     }
-
-    pub fn index_len(&self) -> usize {
-        self.index.len()
-    }
 }

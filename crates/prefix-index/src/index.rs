@@ -816,7 +816,7 @@ impl State {
         for (ci, ctx) in self.contexts.iter().enumerate() {
             let Some(ctx) = ctx else { continue };
             let used: Vec<u32> = ctx.used_slots().collect();
-            assert_eq!(used.len(), ctx.index_len(), "index and slab disagree");
+            assert_eq!(used.len(), ctx.len(), "index and slab disagree");
             blocks += used.len();
             for &slot in &used {
                 let b = &ctx.slots[slot as usize];
