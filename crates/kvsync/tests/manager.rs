@@ -265,7 +265,7 @@ async fn ip_change_replaces_the_subscriber_and_drops_the_old_blocks() {
         f.stats.subscriptions_started.load(Relaxed) == 2
     })
     .await;
-    // The old publisher's events no longer count; the new one's do.
+    // The old IP still publishes, but the one subscriber left is on the new IP.
     a.send(seq, &stored(seq, 0));
     f.feed(&mut b, "ml/vllm-0", 0, 0).await;
     assert_eq!(
