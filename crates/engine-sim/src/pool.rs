@@ -1,0 +1,438 @@
+//! vLLM's block pool with prefix caching (`vllm/v1/core/block_pool.py`,
+//! `single_type_kv_cache_manager.py`, `kv_cache_utils.py`), reduced to one full-attention KV
+//! cache group and kept exact where the events depend on it:
+//!
+//! - block 0 is the null block, taken off the free queue at start; blocks 1..N start free in
+//!   order;
+//! - a request's full blocks are hashed in a chain (parent hash, the block's tokens, the LoRA
+//!   adapter); its longest cached prefix is found block by block, stopping at the first miss,
+//!   and never covers the last prompt token (vLLM recomputes it for the logits), so a fully
+//!   cached, block-aligned prompt recomputes — and re-announces — its last block;
+//! - hit blocks are touched (taken off the free queue, reference count + 1) before new blocks are
+//!   allocated from the head of the free queue; a new block that still carries a hash is
+//!   evicted: one `BlockRemoved` per block, in allocation order;
+//! - newly full blocks are cached in one `BlockStored` per call with the parent's hash (nil at
+//!   the prompt start) and the blocks' tokens; several blocks may carry the same hash (the map
+//!   keeps each), and evicting one of them announces the hash as removed;
+//! - a finished request's blocks are released tail first: reference count − 1, and blocks that
+//!   reach 0 join the tail of the free queue, so its last blocks are the first to be evicted.
+
+use hashbrown::HashMap;
+use kv_events::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, Medium};
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+/// A block's position in the pool.
+pub type BlockId = u32;
+const NIL: BlockId = BlockId::MAX;
+
+/// vLLM's internal block hash (32 bytes, as its sha256 is).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct EngineHash(pub [u8; 32]);
+
+/// How hashes go on the wire: vLLM's default (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1`) sends the
+/// last 8 bytes as an unsigned integer, otherwise the 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum HashForm {
+    #[default]
+    Int,
+    Bytes,
+}
+
+impl HashForm {
+    /// The event form of an engine hash.
+    pub fn external(self, h: &EngineHash) -> BlockHash {
+        match self {
+            HashForm::Int => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&h.0[24..]);
+                BlockHash::Uint(u64::from_be_bytes(b))
+            }
+            HashForm::Bytes => {
+                BlockHash::Bytes(ByteHash::new(&h.0).expect("32 bytes fit a ByteHash"))
+            }
+        }
+    }
+}
+
+/// A LoRA adapter a request runs under (vLLM's `LoRARequest`: id and name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lora {
+    pub id: i64,
+    pub name: String,
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    ref_cnt: u32,
+    hash: Option<EngineHash>,
+    prev: BlockId,
+    next: BlockId,
+    in_free_queue: bool,
+}
+
+/// The pool has fewer free blocks than a request needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the block pool has {free} free blocks, the request needs {needed}")]
+pub struct PoolFull {
+    pub needed: usize,
+    pub free: usize,
+}
+
+/// A running request: its tokens (prompt, then output), the hashes of its full blocks and the
+/// blocks it holds.
+#[derive(Debug, Clone)]
+pub struct Request {
+    tokens: Vec<u32>,
+    hashes: Vec<EngineHash>,
+    blocks: Vec<BlockId>,
+    num_cached: usize,
+    lora: Option<Lora>,
+    /// Prompt tokens served from the cache.
+    pub hit_tokens: usize,
+    pub prompt_tokens: usize,
+}
+
+impl Request {
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+/// The block pool.
+#[derive(Debug)]
+pub struct BlockPool {
+    block_size: usize,
+    seed: u64,
+    form: HashForm,
+    blocks: Vec<Block>,
+    head: BlockId,
+    tail: BlockId,
+    free_len: usize,
+    cached: HashMap<EngineHash, Vec<BlockId>>,
+    events: Vec<Event>,
+    scratch: Vec<u8>,
+}
+
+impl BlockPool {
+    /// `num_blocks` blocks (block 0 becomes the null block); `seed` plays vLLM's per-process
+    /// `NONE_HASH`, so two engines (or one engine before and after a restart) hash differently.
+    pub fn new(num_blocks: usize, block_size: usize, seed: u64, form: HashForm) -> BlockPool {
+        assert!(num_blocks >= 2 && block_size >= 1, "a pool needs blocks");
+        let n = num_blocks as BlockId;
+        let blocks = (0..n)
+            .map(|i| Block {
+                ref_cnt: 0,
+                hash: None,
+                prev: if i == 0 { NIL } else { i - 1 },
+                next: if i + 1 == n { NIL } else { i + 1 },
+                in_free_queue: true,
+            })
+            .collect();
+        let mut pool = BlockPool {
+            block_size,
+            seed,
+            form,
+            blocks,
+            head: 0,
+            tail: n - 1,
+            free_len: num_blocks,
+            cached: HashMap::new(),
+            events: Vec::new(),
+            scratch: Vec::new(),
+        };
+        // The null block.
+        let null = pool.pop_free();
+        debug_assert_eq!(null, 0);
+        pool.blocks[0].ref_cnt = 1;
+        pool
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn hash_form(&self) -> HashForm {
+        self.form
+    }
+
+    /// Blocks a new request could take (free, cached or not).
+    pub fn free_blocks(&self) -> usize {
+        self.free_len
+    }
+
+    /// Blocks that carry a hash.
+    pub fn cached_blocks(&self) -> usize {
+        self.cached.values().map(Vec::len).sum()
+    }
+
+    /// The events since the last call (one engine step's worth).
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The chained hashes of the full blocks of `tokens`.
+    pub fn block_hashes(&mut self, tokens: &[u32], lora: Option<&Lora>) -> Vec<EngineHash> {
+        let mut out = Vec::with_capacity(tokens.len() / self.block_size);
+        for chunk in tokens.chunks_exact(self.block_size) {
+            let parent = out.last().copied();
+            out.push(self.hash_block(parent, chunk, lora));
+        }
+        out
+    }
+
+    fn hash_block(
+        &mut self,
+        parent: Option<EngineHash>,
+        tokens: &[u32],
+        lora: Option<&Lora>,
+    ) -> EngineHash {
+        let buf = &mut self.scratch;
+        buf.clear();
+        match parent {
+            Some(p) => buf.extend_from_slice(&p.0),
+            None => buf.extend_from_slice(&[0xa5; 32]),
+        }
+        for t in tokens {
+            buf.extend_from_slice(&t.to_le_bytes());
+        }
+        if let Some(l) = lora {
+            buf.extend_from_slice(l.name.as_bytes());
+        }
+        let lo = xxh3_128_with_seed(buf, self.seed).to_le_bytes();
+        let hi = xxh3_128_with_seed(buf, self.seed ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+        let mut h = [0u8; 32];
+        h[..16].copy_from_slice(&lo);
+        h[16..].copy_from_slice(&hi);
+        EngineHash(h)
+    }
+
+    /// Leading full blocks of `tokens` that are cached (no cap, nothing touched): what a
+    /// router with perfect knowledge would see.
+    pub fn cached_prefix_blocks(&mut self, tokens: &[u32], lora: Option<&Lora>) -> usize {
+        let hashes = self.block_hashes(tokens, lora);
+        hashes
+            .iter()
+            .take_while(|h| self.cached.contains_key(*h))
+            .count()
+    }
+
+    /// Prompt tokens a request for `tokens` would find cached now (vLLM's cap included).
+    pub fn peek_hit_tokens(&mut self, tokens: &[u32], lora: Option<&Lora>) -> usize {
+        let max_blocks = tokens.len().saturating_sub(1) / self.block_size;
+        self.cached_prefix_blocks(tokens, lora).min(max_blocks) * self.block_size
+    }
+
+    /// Schedules a request's prompt: finds its cached prefix, takes the hit blocks, allocates
+    /// the rest (evicting), and caches every full prompt block.
+    pub fn start(&mut self, prompt: &[u32], lora: Option<Lora>) -> Result<Request, PoolFull> {
+        let bs = self.block_size;
+        let hashes = self.block_hashes(prompt, lora.as_ref());
+        let max_blocks = prompt.len().saturating_sub(1) / bs;
+        let hit: Vec<BlockId> = hashes[..max_blocks.min(hashes.len())]
+            .iter()
+            .map_while(|h| self.cached.get(h).map(|bs| bs[0]))
+            .collect();
+        let needed = prompt.len().div_ceil(bs) - hit.len();
+        let free_hits = hit
+            .iter()
+            .filter(|&&b| self.blocks[b as usize].ref_cnt == 0)
+            .count();
+        if needed > self.free_len - free_hits {
+            return Err(PoolFull {
+                needed,
+                free: self.free_len - free_hits,
+            });
+        }
+        for &b in &hit {
+            self.touch(b);
+        }
+        let mut req = Request {
+            tokens: prompt.to_vec(),
+            hashes,
+            num_cached: hit.len(),
+            hit_tokens: hit.len() * bs,
+            prompt_tokens: prompt.len(),
+            blocks: hit,
+            lora,
+        };
+        self.allocate(&mut req, needed);
+        self.cache_full_blocks(&mut req);
+        Ok(req)
+    }
+
+    /// One decode step: `token` is appended; a block is allocated when the sequence outgrows its
+    /// blocks, and cached when it becomes full.
+    pub fn append(&mut self, req: &mut Request, token: u32) -> Result<(), PoolFull> {
+        if req.tokens.len() == req.blocks.len() * self.block_size {
+            if self.free_len == 0 {
+                return Err(PoolFull { needed: 1, free: 0 });
+            }
+            self.allocate(req, 1);
+        }
+        req.tokens.push(token);
+        if req.tokens.len() % self.block_size == 0 {
+            let start = req.tokens.len() - self.block_size;
+            let parent = req.hashes.last().copied();
+            let h = self.hash_block(parent, &req.tokens[start..], req.lora.as_ref());
+            req.hashes.push(h);
+            self.cache_full_blocks(req);
+        }
+        Ok(())
+    }
+
+    /// Releases a finished request's blocks, tail first.
+    pub fn finish(&mut self, req: Request) {
+        for &b in req.blocks.iter().rev() {
+            let blk = &mut self.blocks[b as usize];
+            blk.ref_cnt -= 1;
+            if blk.ref_cnt == 0 {
+                self.push_free(b);
+            }
+        }
+    }
+
+    /// vLLM's `reset_prefix_cache`: refused (false) while a request holds blocks; otherwise
+    /// every hash is dropped and `AllBlocksCleared` announced.
+    pub fn reset(&mut self) -> bool {
+        if self.free_len + 1 != self.blocks.len() {
+            return false;
+        }
+        self.cached.clear();
+        for b in &mut self.blocks {
+            b.hash = None;
+        }
+        self.events.push(Event::AllBlocksCleared);
+        true
+    }
+
+    fn touch(&mut self, b: BlockId) {
+        if self.blocks[b as usize].ref_cnt == 0 {
+            self.unlink(b);
+        }
+        self.blocks[b as usize].ref_cnt += 1;
+    }
+
+    fn allocate(&mut self, req: &mut Request, n: usize) {
+        for _ in 0..n {
+            let b = self.pop_free();
+            if let Some(h) = self.blocks[b as usize].hash.take() {
+                if let Some(holders) = self.cached.get_mut(&h) {
+                    if let Some(i) = holders.iter().position(|&x| x == b) {
+                        holders.swap_remove(i);
+                        if holders.is_empty() {
+                            self.cached.remove(&h);
+                        }
+                        self.events.push(Event::BlockRemoved(BlockRemoved {
+                            block_hashes: vec![self.form.external(&h)],
+                            medium: Some(Medium::Gpu),
+                            ..Default::default()
+                        }));
+                    }
+                }
+            }
+            self.blocks[b as usize].ref_cnt = 1;
+            req.blocks.push(b);
+        }
+    }
+
+    fn cache_full_blocks(&mut self, req: &mut Request) {
+        let bs = self.block_size;
+        let full = req.tokens.len() / bs;
+        if full <= req.num_cached {
+            return;
+        }
+        let from = req.num_cached;
+        let mut hashes = Vec::with_capacity(full - from);
+        for i in from..full {
+            let b = req.blocks[i];
+            let h = req.hashes[i];
+            debug_assert!(self.blocks[b as usize].hash.is_none());
+            self.blocks[b as usize].hash = Some(h);
+            self.cached.entry(h).or_default().push(b);
+            hashes.push(self.form.external(&h));
+        }
+        self.events.push(Event::BlockStored(BlockStored {
+            block_hashes: hashes,
+            parent_block_hash: (from > 0).then(|| self.form.external(&req.hashes[from - 1])),
+            token_ids: req.tokens[from * bs..full * bs].to_vec(),
+            block_size: bs as u32,
+            lora_id: req.lora.as_ref().map(|l| l.id),
+            medium: Some(Medium::Gpu),
+            lora_name: req.lora.as_ref().map(|l| l.name.clone()),
+            ..Default::default()
+        }));
+        req.num_cached = full;
+    }
+
+    fn pop_free(&mut self) -> BlockId {
+        let b = self.head;
+        debug_assert_ne!(b, NIL, "pop from an empty free queue");
+        self.unlink(b);
+        b
+    }
+
+    fn unlink(&mut self, b: BlockId) {
+        let (prev, next) = {
+            let blk = &mut self.blocks[b as usize];
+            debug_assert!(blk.in_free_queue);
+            blk.in_free_queue = false;
+            (
+                std::mem::replace(&mut blk.prev, NIL),
+                std::mem::replace(&mut blk.next, NIL),
+            )
+        };
+        match prev {
+            NIL => self.head = next,
+            p => self.blocks[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.blocks[n as usize].prev = prev,
+        }
+        self.free_len -= 1;
+    }
+
+    fn push_free(&mut self, b: BlockId) {
+        let tail = self.tail;
+        {
+            let blk = &mut self.blocks[b as usize];
+            debug_assert!(!blk.in_free_queue);
+            blk.in_free_queue = true;
+            blk.prev = tail;
+            blk.next = NIL;
+        }
+        match tail {
+            NIL => self.head = b,
+            t => self.blocks[t as usize].next = b,
+        }
+        self.tail = b;
+        self.free_len += 1;
+    }
+
+    /// Checks the free queue against the reference counts (tests).
+    pub fn check(&self) {
+        let mut n = 0;
+        let mut cur = self.head;
+        let mut prev = NIL;
+        while cur != NIL {
+            let b = &self.blocks[cur as usize];
+            assert!(
+                b.in_free_queue && b.ref_cnt == 0,
+                "block {cur} in the free queue"
+            );
+            assert_eq!(b.prev, prev);
+            prev = cur;
+            cur = b.next;
+            n += 1;
+        }
+        assert_eq!(prev, self.tail);
+        assert_eq!(n, self.free_len);
+        let outside = self.blocks.iter().filter(|b| !b.in_free_queue).count();
+        assert_eq!(outside + n, self.blocks.len());
+        for (h, bs) in &self.cached {
+            for &b in bs {
+                assert_eq!(self.blocks[b as usize].hash.as_ref(), Some(h));
+            }
+        }
+    }
+}
