@@ -96,6 +96,9 @@ pub enum EngineError {
     Thread(#[from] std::io::Error),
 }
 
+/// The last `buffer_steps` batches as (seq, payload), shared with the replay thread.
+type ReplayBuffer = Arc<Mutex<VecDeque<(u64, Vec<u8>)>>>;
+
 struct Publisher {
     socket: zmq::Socket,
     topic: Vec<u8>,
@@ -103,7 +106,7 @@ struct Publisher {
     dp_rank: Option<u32>,
     next_seq: u64,
     drop_next: usize,
-    buffer: Arc<Mutex<VecDeque<(u64, Vec<u8>)>>>,
+    buffer: ReplayBuffer,
     buffer_steps: usize,
 }
 
@@ -182,9 +185,16 @@ fn bind(socket: &zmq::Socket, host: IpAddr, port: u16) -> Result<u16, EngineErro
     if host.is_ipv6() {
         socket.set_ipv6(true)?;
     }
-    socket
-        .bind(&endpoint)
-        .map_err(|source| EngineError::Bind { endpoint, source })?;
+    // A port just released by a stopped engine (a restart) may take libzmq's I/O thread a
+    // moment to let go of.
+    let mut attempts = 0;
+    while let Err(source) = socket.bind(&endpoint) {
+        attempts += 1;
+        if source != zmq::Error::EADDRINUSE || port == 0 || attempts == 100 {
+            return Err(EngineError::Bind { endpoint, source });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let last = socket.get_last_endpoint()?.unwrap_or_default();
     Ok(last
         .rsplit(':')
@@ -359,7 +369,7 @@ const REPLAY_END: [u8; 8] = [0xff; 8];
 /// seq ≥ start is answered `[b"", (topic,) seq, payload]`, then the end marker.
 fn serve_replay(
     router: zmq::Socket,
-    buffer: Arc<Mutex<VecDeque<(u64, Vec<u8>)>>>,
+    buffer: ReplayBuffer,
     topic: Option<Vec<u8>>,
     stop: Arc<AtomicBool>,
 ) {
