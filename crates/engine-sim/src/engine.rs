@@ -2,7 +2,7 @@
 //! that binds and sends `[topic, seq, payload]` per engine step with events, and a ROUTER that
 //! answers replay requests from a bounded buffer of the last `buffer_steps` batches.
 
-use crate::pool::{BlockPool, HashForm, Lora, PoolFull};
+use crate::pool::{BlockPool, HashForm, Lora, PoolFull, Request};
 use crate::tokenizer::output_tokens;
 use kv_events::{encode_into, Event, EventBatch, WireFormat};
 use parking_lot::Mutex;
@@ -80,6 +80,25 @@ pub struct EngineStats {
     pub requests: u64,
     pub prompt_tokens: u64,
     pub hit_tokens: u64,
+    /// Requests whose decoding stopped because the pool ran out of blocks.
+    pub decode_stopped: u64,
+}
+
+/// A request between [`Engine::begin`] and [`Engine::finish`] (it holds its blocks; finish it).
+#[derive(Debug)]
+pub struct Admitted {
+    req: Request,
+}
+
+impl Admitted {
+    /// Prompt tokens found in the prefix cache.
+    pub fn hit_tokens(&self) -> usize {
+        self.req.hit_tokens
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.req.prompt_tokens
+    }
 }
 
 /// Why an engine could not start.
@@ -279,24 +298,40 @@ impl Engine {
         self.replay_port
     }
 
-    /// Serves one request: the prompt step (one batch), `output_len` decode steps (a batch
-    /// each time a block fills or one is evicted), then the blocks are released. The output is
-    /// [`output_tokens`] of the prompt, so a client can predict it.
+    /// Serves one request at once: [`Engine::begin`] then [`Engine::finish`].
     pub fn serve(
         &self,
         prompt: &[u32],
         lora: Option<Lora>,
         output_len: usize,
     ) -> Result<Served, PoolFull> {
-        let output = output_tokens(prompt, output_len, self.vocab);
+        let admitted = self.begin(prompt, lora)?;
+        Ok(self.finish(admitted, output_len))
+    }
+
+    /// Schedules a request's prompt (one engine step, one batch): its cached prefix is taken,
+    /// the rest allocated and cached. The blocks stay held until [`Engine::finish`], so other
+    /// requests can run meanwhile. `PoolFull` when the running requests leave too few blocks
+    /// (vLLM would keep it waiting).
+    pub fn begin(&self, prompt: &[u32], lora: Option<Lora>) -> Result<Admitted, PoolFull> {
         let mut inner = self.inner.lock();
-        let mut req = inner.pool.start(prompt, lora)?;
+        let req = inner.pool.start(prompt, lora)?;
         inner.step();
-        let mut result = Ok(());
+        Ok(Admitted { req })
+    }
+
+    /// Generates `output_len` tokens ([`output_tokens`] of the prompt, so a client can predict
+    /// them; a batch each step that fills or evicts a block), then releases the blocks. Decoding
+    /// stops early if the pool runs out of blocks (vLLM would preempt).
+    pub fn finish(&self, admitted: Admitted, output_len: usize) -> Served {
+        let mut req = admitted.req;
+        let output = output_tokens(req.tokens(), output_len, self.vocab);
+        let mut inner = self.inner.lock();
         for &t in &output {
-            result = inner.pool.append(&mut req, t);
+            let appended = inner.pool.append(&mut req, t);
             inner.step();
-            if result.is_err() {
+            if appended.is_err() {
+                inner.stats.decode_stopped += 1;
                 break;
             }
         }
@@ -309,7 +344,7 @@ impl Engine {
         inner.stats.requests += 1;
         inner.stats.prompt_tokens += served.prompt_tokens as u64;
         inner.stats.hit_tokens += served.hit_tokens as u64;
-        result.map(|()| served)
+        served
     }
 
     /// Prompt tokens a request would find cached now (nothing changes).

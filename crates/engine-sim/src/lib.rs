@@ -9,6 +9,6 @@ pub mod engine;
 pub mod pool;
 pub mod tokenizer;
 
-pub use engine::{Engine, EngineConfig, EngineError, EngineStats, Served};
+pub use engine::{Admitted, Engine, EngineConfig, EngineError, EngineStats, Served};
 pub use pool::{BlockPool, EngineHash, HashForm, Lora, PoolFull, Request};
 pub use tokenizer::{output_tokens, serve_tokenizer, Tokenizer};

@@ -118,7 +118,8 @@ async fn run(n: usize) {
         tokenizer: None,
         pod_tokenizer_port: 8000,
         tokenizer_timeout: Duration::from_secs(1),
-        approx: None,
+        kv_sync: true,
+        recent: kvsync::approx::Approx::new(std::time::Duration::ZERO, 16, 1 << 22),
         ready,
         selected: parking_lot::Mutex::default(),
     });

@@ -33,8 +33,11 @@ pub struct AppState {
     /// Port of a pod's own `/tokenize` when no tokenizer is configured.
     pub pod_tokenizer_port: u16,
     pub tokenizer_timeout: Duration,
-    /// Set when KV sync is off: decisions are remembered for a TTL instead.
-    pub approx: Option<Approx>,
+    /// Whether the index is fed by KV events (otherwise `recent` is the only knowledge).
+    pub kv_sync: bool,
+    /// Recent routing decisions: with KV sync, those whose events may not have arrived yet (a
+    /// short TTL); without, the approximate index.
+    pub recent: Approx,
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// When each worker was last selected (tie-breaking); bounded by the workers of the pods.
     pub selected: parking_lot::Mutex<HashMap<WorkerId, Instant>>,
@@ -130,8 +133,23 @@ impl<'de> serde::Deserialize<'de> for TokenIds {
 struct Candidate {
     worker: WorkerId,
     address: String,
+    /// Leading blocks the index says the worker holds.
     blocks: u32,
     per_tier: [u32; Tier::COUNT],
+    /// Leading blocks recently routed to it.
+    routed: u32,
+}
+
+impl Candidate {
+    /// What the choice ranks by: held, or routed and not yet announced.
+    fn rank(&self) -> u32 {
+        self.blocks.max(self.routed)
+    }
+}
+
+/// The key of a worker in the recent-decisions table.
+fn recent_key(w: &WorkerId) -> String {
+    format!("{}#{}", w.pod, w.dp_rank)
 }
 
 async fn route(
@@ -242,35 +260,19 @@ async fn route(
 
     let t0 = Instant::now();
     let (block_size, mut matched): (u32, HashMap<WorkerId, (u32, [u32; Tier::COUNT])>) =
-        match &s.approx {
-            None => {
-                let l = s.index.lookup(model, lora, &tokens);
-                (
-                    l.block_size.unwrap_or(0),
-                    l.matches
-                        .into_iter()
-                        .map(|m| (m.worker, (m.blocks, m.per_tier)))
-                        .collect(),
-                )
-            }
-            Some(a) => {
-                let l = a.lookup(model, lora, &tokens);
-                let bs = a.block_size() as u32;
-                (
-                    bs,
-                    candidates
-                        .iter()
-                        .filter_map(|(w, _)| {
-                            l.get(&format!("{}#{}", w.pod, w.dp_rank)).map(|n| {
-                                let mut per = [0; Tier::COUNT];
-                                per[Tier::Gpu as usize] = *n;
-                                (w.clone(), (*n, per))
-                            })
-                        })
-                        .collect(),
-                )
-            }
+        if s.kv_sync {
+            let l = s.index.lookup(model, lora, &tokens);
+            (
+                l.block_size.unwrap_or(s.recent.block_size() as u32),
+                l.matches
+                    .into_iter()
+                    .map(|m| (m.worker, (m.blocks, m.per_tier)))
+                    .collect(),
+            )
+        } else {
+            (s.recent.block_size() as u32, HashMap::new())
         };
+    let recent = s.recent.lookup(model, lora, &tokens, block_size as usize);
     s.metrics
         .api
         .lookup_seconds
@@ -280,11 +282,13 @@ async fn route(
         .into_iter()
         .map(|(w, address)| {
             let (blocks, per_tier) = matched.remove(&w).unwrap_or((0, [0; Tier::COUNT]));
+            let routed = recent.get(&recent_key(&w)).copied().unwrap_or(0);
             Candidate {
                 worker: w,
                 address,
                 blocks,
                 per_tier,
+                routed,
             }
         })
         .collect();
@@ -293,8 +297,8 @@ async fn route(
     let chosen = {
         let mut sel = s.selected.lock();
         list.sort_by(|a, b| {
-            b.blocks
-                .cmp(&a.blocks)
+            b.rank()
+                .cmp(&a.rank())
                 .then_with(|| sel.get(&a.worker).cmp(&sel.get(&b.worker)))
                 .then_with(|| a.worker.cmp(&b.worker))
         });
@@ -307,15 +311,14 @@ async fn route(
         }
         &list[0]
     };
-    if let Some(a) = &s.approx {
-        a.record(
-            model,
-            lora,
-            &tokens,
-            &format!("{}#{}", chosen.worker.pod, chosen.worker.dp_rank),
-        );
-    }
-    let bucket = match chosen.blocks {
+    s.recent.record(
+        model,
+        lora,
+        &tokens,
+        block_size as usize,
+        &recent_key(&chosen.worker),
+    );
+    let bucket = match chosen.rank() {
         0 => "miss",
         b if b >= num_blocks => "full",
         _ => "partial",
@@ -325,18 +328,22 @@ async fn route(
         .route_decisions
         .get_or_create(&vec![("bucket".to_owned(), bucket.to_owned())])
         .inc();
-    fn view(c: &Candidate, block_size: u32) -> PodMatch<'_> {
+    fn view(c: &Candidate, block_size: u32, kv_sync: bool) -> PodMatch<'_> {
+        // Without KV sync, what was routed is all there is to match.
+        let blocks = if kv_sync { c.blocks } else { c.routed };
         let tier = Tier::ALL
             .into_iter()
-            .find(|t| c.blocks > 0 && c.per_tier[*t as usize] == c.blocks)
-            .map(Tier::name);
+            .find(|t| kv_sync && blocks > 0 && c.per_tier[*t as usize] == blocks)
+            .map(Tier::name)
+            .or((!kv_sync && blocks > 0).then_some(Tier::Gpu.name()));
         PodMatch {
             pod: &c.worker.pod,
             address: &c.address,
             dp_rank: c.worker.dp_rank,
-            matched_blocks: c.blocks,
-            matched_tokens: c.blocks * block_size,
+            matched_blocks: blocks,
+            matched_tokens: blocks * block_size,
             tier,
+            routed_blocks: kv_sync.then_some(c.routed),
         }
     }
     // Typed and serialized in one pass (no intermediate JSON values).
@@ -345,9 +352,12 @@ async fn route(
         lora,
         block_size,
         num_blocks,
-        exact: s.approx.is_none(),
-        selected: view(chosen, block_size),
-        pods: list.iter().map(|c| view(c, block_size)).collect(),
+        exact: s.kv_sync,
+        selected: view(chosen, block_size, s.kv_sync),
+        pods: list
+            .iter()
+            .map(|c| view(c, block_size, s.kv_sync))
+            .collect(),
     };
     Json(answer).into_response()
 }
@@ -360,6 +370,10 @@ struct PodMatch<'a> {
     matched_blocks: u32,
     matched_tokens: u32,
     tier: Option<&'static str>,
+    /// With KV sync: leading blocks of this prompt routed here recently, whose events may not
+    /// have arrived yet (ranking uses the larger of the two).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routed_blocks: Option<u32>,
 }
 
 #[derive(serde::Serialize)]
@@ -414,9 +428,7 @@ async fn tokenize(
 }
 
 async fn pods(State(s): State<Arc<AppState>>) -> Response {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let now = crate::manager::unix_seconds();
     let pods = s.pods.read();
     let workers = s.workers.read();
     let list: Vec<Value> = pods

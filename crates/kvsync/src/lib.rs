@@ -13,6 +13,7 @@
 pub mod api;
 pub mod approx;
 pub mod config;
+pub mod demo;
 pub mod json;
 pub mod manager;
 pub mod metrics;

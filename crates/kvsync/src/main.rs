@@ -57,6 +57,55 @@ enum Command {
         /// Approximate routing: block size used to hash prompts.
         #[arg(long, env = "KVSYNC_APPROX_BLOCK_SIZE", default_value_t = 16)]
         approx_block_size: usize,
+        /// KV sync on: milliseconds a routing decision counts as cached until the pod's events
+        /// announce it (0: rank by announced blocks only).
+        #[arg(long, env = "KVSYNC_ROUTED_TTL_MS", default_value_t = 2000)]
+        routed_ttl_ms: u64,
+    },
+    /// Start a fleet of simulated vLLM engines and `kvsync serve` on them, send a load of
+    /// multi-turn conversations routed by each policy in turn, and print the engines' real
+    /// prefix-cache hit rates, event lag, CPU per million blocks and index size.
+    Demo {
+        /// Simulated engines (pods).
+        #[arg(long, default_value_t = 8)]
+        engines: usize,
+        /// KV cache blocks per engine (16 tokens each).
+        #[arg(long, default_value_t = 1024)]
+        blocks: usize,
+        /// Conversations in the load.
+        #[arg(long, default_value_t = 400)]
+        conversations: usize,
+        /// Most turns in a conversation.
+        #[arg(long, default_value_t = 6)]
+        max_turns: usize,
+        /// Shared system prompts.
+        #[arg(long, default_value_t = 24)]
+        system_prompts: usize,
+        /// Tokens in a system prompt.
+        #[arg(long, default_value_t = 1024)]
+        system_prompt_tokens: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// kvsync replicas (like gateway replicas): client c asks replica c % N.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+        /// Simulated prefill time per prompt token not in the cache, microseconds.
+        #[arg(long, default_value_t = 2)]
+        prefill_us_per_token: u64,
+        /// Simulated decode time per output token, microseconds.
+        #[arg(long, default_value_t = 200)]
+        decode_us_per_token: u64,
+        /// Seed of the load.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Policies to run, comma-separated (kvsync, approximate, round_robin, random, oracle).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "kvsync,approximate,round_robin,random,oracle"
+        )]
+        policies: Vec<String>,
     },
     /// Print the configuration the AIBRIX_* variables give, and any warning; exit non-zero
     /// when a value is invalid.
@@ -115,6 +164,7 @@ fn main() -> Result<()> {
             pod_tokenizer_port,
             approx_ttl_s,
             approx_block_size,
+            routed_ttl_ms,
         } => {
             let parsed = match kvsync::config::from_process_env() {
                 Ok(p) => p,
@@ -137,12 +187,59 @@ fn main() -> Result<()> {
                 pod_tokenizer_port,
                 approx_ttl: Duration::from_secs(approx_ttl_s),
                 approx_block_size,
+                routed_ttl: Duration::from_millis(routed_ttl_ms),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
             rt.block_on(kvsync::serve::run(parsed.config, opts, shutdown_signal()))
+        }
+        Command::Demo {
+            engines,
+            blocks,
+            conversations,
+            max_turns,
+            system_prompts,
+            system_prompt_tokens,
+            clients,
+            replicas,
+            prefill_us_per_token,
+            decode_us_per_token,
+            seed,
+            policies,
+        } => {
+            let mut cfg = kvsync::demo::DemoConfig::new(
+                std::env::current_exe().context("locating the kvsync binary")?,
+            );
+            cfg.engines = engines;
+            cfg.blocks_per_engine = blocks;
+            cfg.conversations = conversations;
+            cfg.max_turns = max_turns;
+            cfg.system_prompts = system_prompts;
+            cfg.system_prompt_tokens = system_prompt_tokens;
+            cfg.clients = clients;
+            cfg.replicas = replicas;
+            cfg.prefill_us_per_token = prefill_us_per_token;
+            cfg.decode_us_per_token = decode_us_per_token;
+            cfg.seed = seed;
+            cfg.policies = policies
+                .iter()
+                .map(|p| {
+                    kvsync::demo::Policy::parse(p).with_context(|| format!("unknown policy {p:?}"))
+                })
+                .collect::<Result<_>>()?;
+            if engines == 0 || system_prompts == 0 || clients == 0 || replicas == 0 || blocks < 2 {
+                bail!("--engines, --system-prompts, --clients and --replicas must be positive, --blocks at least 2");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let report = rt.block_on(kvsync::demo::run(&cfg))?;
+            eprintln!("(logs and pod files: {})", cfg.work_dir.display());
+            print!("{}", report.render());
+            Ok(())
         }
         Command::Tap {
             endpoint,

@@ -77,6 +77,27 @@ pub struct ManagerStats {
     pub restarts: AtomicU64,
     pub malformed: AtomicU64,
     pub bad_frames: AtomicU64,
+    pub apply_lag: ApplyLag,
+}
+
+/// Now, as seconds since the Unix epoch (the clock of a batch's `ts`).
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Seconds from a batch's `ts` (the engine's clock) to the moment it is applied to the index.
+#[derive(Debug, Clone)]
+pub struct ApplyLag(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for ApplyLag {
+    fn default() -> Self {
+        ApplyLag(prometheus_client::metrics::histogram::Histogram::new([
+            5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0,
+            5.0, 10.0,
+        ]))
+    }
 }
 
 /// What the API shows of a running worker (pod, rank).
@@ -451,6 +472,10 @@ impl WorkerTask {
                     }
                     self.stats.batches_applied.fetch_add(1, Relaxed);
                     self.info.last_ts.store(batch.ts.to_bits(), Relaxed);
+                    let now = unix_seconds();
+                    if batch.ts > 0.0 {
+                        self.stats.apply_lag.0.observe((now - batch.ts).max(0.0));
+                    }
                     None
                 }
                 SubscriberEvent::Delivery(Delivery::Gap {

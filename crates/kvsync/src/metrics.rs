@@ -55,6 +55,11 @@ impl Metrics {
             "Remote tokenizer failures (answered 502)",
             api.tokenizer_errors.clone(),
         );
+        registry.register(
+            "event_apply_lag_seconds",
+            "Seconds from a batch's ts (engine clock) to its application to the index",
+            stats.apply_lag.0.clone(),
+        );
         registry.register_collector(Box::new(Collector {
             index,
             stats,
@@ -178,9 +183,7 @@ impl prometheus_client::collector::Collector for Collector {
         let mut by_state = [0i64; 5];
         let (mut replays_req, mut replays_ok, mut replays_failed, mut connects) = (0, 0, 0, 0);
         let mut max_lag = 0.0f64;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let now = crate::manager::unix_seconds();
         let mut held: Vec<(Vec<(String, String)>, i64)> = Vec::new();
         for (w, info) in workers.iter() {
             if let Some(c) = info.counters.get() {

@@ -33,6 +33,9 @@ pub struct Options {
     /// Approximate mode (KV sync off): how long a routing decision counts as cached.
     pub approx_ttl: Duration,
     pub approx_block_size: usize,
+    /// KV sync on: how long a routing decision counts as cached while its events are on the
+    /// way (0: rank by announced blocks only).
+    pub routed_ttl: Duration,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             pod_tokenizer_port: 8000,
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,
+            routed_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -113,8 +117,16 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             .map(|t| Tokenizer::new(&t.endpoint, opts.tokenizer_timeout)),
         pod_tokenizer_port: opts.pod_tokenizer_port,
         tokenizer_timeout: opts.tokenizer_timeout,
-        approx: (!cfg.kv_sync)
-            .then(|| Approx::new(opts.approx_ttl, opts.approx_block_size, 1 << 22)),
+        kv_sync: cfg.kv_sync,
+        recent: Approx::new(
+            if cfg.kv_sync {
+                opts.routed_ttl
+            } else {
+                opts.approx_ttl
+            },
+            opts.approx_block_size,
+            1 << 22,
+        ),
         ready: manager.ready(),
         selected: parking_lot::Mutex::default(),
     });
