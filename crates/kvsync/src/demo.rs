@@ -303,18 +303,19 @@ const VOCAB: u32 = 32_000;
 /// 0.24 with 32-byte hashes (replay without topic), array-shaped 0.14 with integer hashes.
 pub struct Fleet {
     pub engines: Vec<Engine>,
+    configs: Vec<EngineConfig>,
 }
 
 impl Fleet {
     pub fn start(n: usize, blocks: usize, seed: u64) -> Result<Fleet> {
-        let engines = (0..n)
+        let mut configs: Vec<EngineConfig> = (0..n)
             .map(|i| {
                 let (wire, hash_form, replay_with_topic) = match i % 3 {
                     0 => (WireFormat::VLLM_0_33, HashForm::Int, true),
                     1 => (WireFormat::VLLM_0_24, HashForm::Bytes, false),
                     _ => (WireFormat::VLLM_0_14, HashForm::Int, false),
                 };
-                Engine::start(EngineConfig {
+                EngineConfig {
                     num_blocks: blocks,
                     wire,
                     hash_form,
@@ -322,11 +323,30 @@ impl Fleet {
                     seed: seed.wrapping_mul(1000).wrapping_add(i as u64),
                     vocab: VOCAB,
                     ..EngineConfig::default()
-                })
-                .with_context(|| format!("starting engine {i}"))
+                }
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Fleet { engines })
+            .collect();
+        let mut engines = Vec::with_capacity(n);
+        for (i, cfg) in configs.iter_mut().enumerate() {
+            let e = Engine::start(cfg.clone()).with_context(|| format!("starting engine {i}"))?;
+            // A restart binds the same ports.
+            cfg.pub_port = e.pub_port();
+            cfg.replay_port = e.replay_port();
+            engines.push(e);
+        }
+        Ok(Fleet { engines, configs })
+    }
+
+    /// Stops engine `i` and starts a new one on the same ports: an empty cache, seq from 0,
+    /// another hash seed (as a restarted vLLM process).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let old = self.engines.remove(i);
+        old.shutdown();
+        self.configs[i].seed = self.configs[i].seed.wrapping_add(1 << 32);
+        let e = Engine::start(self.configs[i].clone())
+            .with_context(|| format!("restarting engine {i}"))?;
+        self.engines.insert(i, e);
+        Ok(())
     }
 
     /// The pod name of engine `i`.
@@ -471,7 +491,7 @@ impl Service {
                 std::env::var("KVSYNC_DEMO_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log_file.try_clone().context("log file")?)
             .stderr(log_file);
         let child = cmd
             .spawn()
