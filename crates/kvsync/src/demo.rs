@@ -101,10 +101,10 @@ impl DemoConfig {
         DemoConfig {
             kvsync_bin,
             engines: 8,
-            blocks_per_engine: 1024,
+            blocks_per_engine: 512,
             system_prompts: 24,
             system_prompt_tokens: 1024,
-            conversations: 400,
+            conversations: 1000,
             max_turns: 6,
             user_tokens: (32, 256),
             output_tokens: (16, 160),
@@ -180,7 +180,10 @@ impl DemoReport {
     /// The human table and the machine-readable last line.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("policy        prefix hit   busiest engine   wall s\n");
+        out.push_str(&format!(
+            "policy        prefix hit   busiest engine   wall s    ({} requests per policy)\n",
+            self.requests
+        ));
         for (p, r) in &self.results {
             out.push_str(&format!(
                 "{:<13} {:>9.1} % {:>14.1} % {:>8.1}\n",

@@ -70,10 +70,10 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         engines: usize,
         /// KV cache blocks per engine (16 tokens each).
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 512)]
         blocks: usize,
         /// Conversations in the load.
-        #[arg(long, default_value_t = 400)]
+        #[arg(long, default_value_t = 1000)]
         conversations: usize,
         /// Most turns in a conversation.
         #[arg(long, default_value_t = 6)]

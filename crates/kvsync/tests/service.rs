@@ -440,3 +440,52 @@ async fn approximate_routing_when_kv_sync_is_off() {
     );
     running.stop().await.expect("clean stop");
 }
+
+/// With KV sync on, a decision counts for its prefix until the pod's events arrive
+/// (`routed_blocks`), so the same new prefix sticks to one pod; with `routed_ttl` 0 only
+/// announced blocks count and equal pods rotate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_decisions_hold_a_new_prefix_on_one_pod_until_events_arrive() {
+    let (tok_addr, _tok) = tokenizer().await;
+    let a = Publisher::start(&[]);
+    let b = Publisher::start(&[]);
+    for (ttl, sticks) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
+        let file = temp_file(
+            &format!("routed-{}", ttl.as_secs()),
+            &format!("{}---\n{}", pod_yaml("a", &a), pod_yaml("b", &b)),
+        );
+        let mut opts = options(file);
+        opts.routed_ttl = ttl;
+        let running = serve::start(config(true, tok_addr), opts)
+            .await
+            .expect("service");
+        let http = Http::new(running.addr);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get_json("/v1/models").await["models"]
+            .as_array()
+            .is_none_or(|m| m.is_empty())
+        {
+            assert!(Instant::now() < deadline, "pods never listed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let body = json!({"model": MODEL, "token_ids": (1..=48).collect::<Vec<u32>>()});
+        let (s, r1) = http.route(&body).await;
+        assert_eq!(s, 200, "{r1}");
+        assert_eq!(r1["exact"], true);
+        assert_eq!(
+            r1["selected"]["matched_blocks"], 0,
+            "no event announced anything"
+        );
+        let (_, r2) = http.route(&body).await;
+        assert_eq!(r2["selected"]["matched_blocks"], 0);
+        if sticks {
+            assert_eq!(r2["selected"]["pod"], r1["selected"]["pod"], "{r2}");
+            // No block size learned yet: the default (16) counts 3 blocks of 48 tokens.
+            assert_eq!(r2["selected"]["routed_blocks"], 3, "{r2}");
+        } else {
+            assert_ne!(r2["selected"]["pod"], r1["selected"]["pod"], "{r2}");
+            assert_eq!(r2["selected"]["routed_blocks"], 0, "{r2}");
+        }
+        running.stop().await.expect("clean stop");
+    }
+}
