@@ -19,6 +19,11 @@
 //!   then learn the new engine from 0.
 //! - A replay that starts later than asked (the buffer no longer reaches back), a timeout, or no
 //!   replay socket: `Gap { repaired: false }` for exactly the seqs that were lost.
+//! - A reconnect may be to a restarted engine whose new seqs already passed ours (a young
+//!   engine restarts quickly): seq continuity proves nothing. So a reconnect asks the replay
+//!   from the last seq delivered and checks that batch is the one delivered (its length and
+//!   first bytes, which carry the batch's timestamp); anything else — another batch under that
+//!   seq, a later first seq, no batch at all — is a restart, learnt again from 0.
 
 use crate::decode::{decode, DecodeError};
 use crate::types::EventBatch;
@@ -65,7 +70,22 @@ enum Mode {
         until: Option<u64>,
         /// The lowest seq the replay delivered (to report a buffer that no longer reaches back).
         first: Option<u64>,
+        /// On a reconnect: the fingerprint of batch `from` as delivered, to be matched by the
+        /// replay's first batch (None once checked).
+        verify: Option<Fingerprint>,
+        /// The replay turned out to come from a restarted engine: ignore it, ask again from 0.
+        restart: bool,
     },
+}
+
+/// A batch's length and first bytes (the msgpack array header and the timestamp).
+type Fingerprint = (usize, [u8; 24]);
+
+fn fingerprint(payload: &[u8]) -> Fingerprint {
+    let mut head = [0u8; 24];
+    let n = payload.len().min(24);
+    head[..n].copy_from_slice(&payload[..n]);
+    (payload.len(), head)
 }
 
 /// The per-publisher sequencing state machine.
@@ -77,6 +97,8 @@ pub struct Sequencer {
     /// After a replay, live messages already in flight may repeat seqs it delivered: seqs in
     /// this range are duplicates (not a restart) until the first fresh live message.
     dups: Option<(u64, u64)>,
+    /// The fingerprint of the last batch delivered (seq `next - 1`).
+    last: Option<Fingerprint>,
     mode: Mode,
     held: VecDeque<(u64, Vec<u8>)>,
     max_held: usize,
@@ -92,6 +114,7 @@ impl Sequencer {
             replay,
             next: None,
             dups: None,
+            last: None,
             mode: Mode::Live,
             held: VecDeque::new(),
             max_held: max_held.max(1),
@@ -121,11 +144,16 @@ impl Sequencer {
         if !self.replay || self.is_replaying() {
             return None;
         }
-        let from = self.next.unwrap_or(0);
+        let (from, verify) = match (self.next, self.last) {
+            (Some(n), Some(fp)) if n > 0 => (n - 1, Some(fp)),
+            (n, _) => (n.unwrap_or(0), None),
+        };
         self.mode = Mode::Replaying {
             from,
             until: None,
             first: None,
+            verify,
+            restart: false,
         };
         Some(Action::RequestReplay(from))
     }
@@ -189,6 +217,8 @@ impl Sequencer {
                     from: 0,
                     until: Some(seq),
                     first: None,
+                    verify: None,
+                    restart: false,
                 };
                 self.hold(seq, payload);
                 return Some(Action::RequestReplay(0));
@@ -202,6 +232,8 @@ impl Sequencer {
                 from: next,
                 until: Some(seq),
                 first: None,
+                verify: None,
+                restart: false,
             };
             self.hold(seq, payload);
             return Some(Action::RequestReplay(next));
@@ -221,13 +253,36 @@ impl Sequencer {
             Err(error) => out.push(Delivery::Malformed { seq, error }),
         }
         self.next = Some(seq + 1);
+        self.last = Some(fingerprint(payload));
     }
 
     /// One replayed batch.
     pub fn on_replay(&mut self, seq: u64, payload: &[u8], out: &mut Vec<Delivery>) {
-        let Mode::Replaying { from, first, .. } = &mut self.mode else {
+        let Mode::Replaying {
+            from,
+            first,
+            verify,
+            restart,
+            ..
+        } = &mut self.mode
+        else {
             return; // a late reply after a timeout: its batches are past
         };
+        if *restart {
+            return;
+        }
+        if let Some(fp) = verify.take() {
+            if seq == *from && fingerprint(payload) == fp {
+                *first = Some(seq);
+                return; // the same engine: batch `from` was delivered already
+            }
+            *restart = true;
+            out.push(Delivery::Restarted { last: *from, seq });
+            self.next = None;
+            self.last = None;
+            self.dups = None;
+            return;
+        }
         let from = *from;
         if first.is_none() {
             *first = Some(seq);
@@ -247,9 +302,40 @@ impl Sequencer {
         self.deliver(seq, payload, out);
     }
 
-    /// The replay's end marker.
-    pub fn on_replay_end(&mut self, out: &mut Vec<Delivery>) {
+    /// The replay's end marker. Asks for another replay (from 0) when this one showed that the
+    /// engine restarted.
+    pub fn on_replay_end(&mut self, out: &mut Vec<Delivery>) -> Option<Action> {
+        if let Mode::Replaying {
+            from,
+            verify,
+            restart,
+            ..
+        } = &mut self.mode
+        {
+            if verify.take().is_some() {
+                // Not even the batch we delivered last: the engine's newest seq is older.
+                *restart = true;
+                out.push(Delivery::Restarted {
+                    last: *from,
+                    seq: 0,
+                });
+                self.next = None;
+                self.last = None;
+                self.dups = None;
+            }
+            if *restart {
+                self.mode = Mode::Replaying {
+                    from: 0,
+                    until: None,
+                    first: None,
+                    verify: None,
+                    restart: false,
+                };
+                return Some(Action::RequestReplay(0));
+            }
+        }
         self.finish_replay(out);
+        None
     }
 
     /// No end marker in time: what the replay did not deliver is lost.
@@ -258,7 +344,9 @@ impl Sequencer {
     }
 
     fn finish_replay(&mut self, out: &mut Vec<Delivery>) {
-        let Mode::Replaying { from, until, first } = std::mem::replace(&mut self.mode, Mode::Live)
+        let Mode::Replaying {
+            from, until, first, ..
+        } = std::mem::replace(&mut self.mode, Mode::Live)
         else {
             return;
         };
@@ -303,6 +391,68 @@ mod tests {
             data_parallel_rank: Some(0),
         };
         encode(&b, &WireFormat::VLLM_0_33)
+    }
+
+    /// A batch of another engine process under the same seq (another timestamp).
+    fn other_payload(seq: u64) -> Vec<u8> {
+        let b = EventBatch {
+            ts: 1e9 + seq as f64,
+            events: Vec::new(),
+            data_parallel_rank: Some(0),
+        };
+        encode(&b, &WireFormat::VLLM_0_33)
+    }
+
+    #[test]
+    fn a_reconnect_checks_the_last_batch_before_trusting_seq_continuity() {
+        // Delivered 0..=4, then the connection drops.
+        let start = |s: &mut Sequencer, out: &mut Vec<Delivery>| {
+            assert_eq!(s.on_connected(), Some(Action::RequestReplay(0)));
+            for q in 0..5 {
+                s.on_replay(q, &payload(q), out);
+            }
+            assert_eq!(s.on_replay_end(out), None);
+        };
+
+        // The same engine: replay from 4 starts with the batch delivered as 4; go on from 5.
+        let (mut s, mut out) = (Sequencer::new(true, 16), Vec::new());
+        start(&mut s, &mut out);
+        assert_eq!(s.on_connected(), Some(Action::RequestReplay(4)));
+        for q in 4..7 {
+            s.on_replay(q, &payload(q), &mut out);
+        }
+        assert_eq!(s.on_replay_end(&mut out), None);
+        assert_eq!(view(&out), ["0", "1", "2", "3", "4", "5", "6"]);
+
+        // A restarted engine that already reached seq 6: its batch 4 is another one. Restart,
+        // the rest of that reply ignored, learnt again from 0 (live meanwhile held and merged).
+        let (mut s, mut out) = (Sequencer::new(true, 16), Vec::new());
+        start(&mut s, &mut out);
+        out.clear();
+        assert_eq!(s.on_connected(), Some(Action::RequestReplay(4)));
+        s.on_replay(4, &other_payload(4), &mut out);
+        s.on_replay(5, &other_payload(5), &mut out);
+        assert_eq!(s.on_live(7, &payload(7), &mut out), None);
+        assert_eq!(s.on_replay_end(&mut out), Some(Action::RequestReplay(0)));
+        for q in 0..7 {
+            s.on_replay(q, &payload(q), &mut out);
+        }
+        assert_eq!(s.on_replay_end(&mut out), None);
+        assert_eq!(
+            view(&out),
+            ["restart 4->4", "0", "1", "2", "3", "4", "5", "6", "7"]
+        );
+
+        // A restarted engine younger than seq 4: the reply holds no batch at all.
+        let (mut s, mut out) = (Sequencer::new(true, 16), Vec::new());
+        start(&mut s, &mut out);
+        out.clear();
+        assert_eq!(s.on_connected(), Some(Action::RequestReplay(4)));
+        assert_eq!(s.on_replay_end(&mut out), Some(Action::RequestReplay(0)));
+        s.on_replay(0, &payload(0), &mut out);
+        s.on_replay(1, &payload(1), &mut out);
+        assert_eq!(s.on_replay_end(&mut out), None);
+        assert_eq!(view(&out), ["restart 4->0", "0", "1"]);
     }
 
     /// Compact view: batches as their seq, gaps and restarts spelled out.

@@ -744,9 +744,12 @@ impl Sub {
                     if self.seq.is_replaying() {
                         self.counters.replays_completed.fetch_add(1, Relaxed);
                         self.replay_deadline = None;
-                        self.seq.on_replay_end(&mut out);
+                        let again = self.seq.on_replay_end(&mut out);
                         self.emit_deliveries(out);
-                        self.set_state(SubscriberState::Live);
+                        match again {
+                            Some(Action::RequestReplay(from)) => self.request_replay(from),
+                            None => self.set_state(SubscriberState::Live),
+                        }
                         self.flush();
                         continue;
                     }
