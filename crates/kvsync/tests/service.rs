@@ -392,6 +392,21 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
     );
 }
 
+/// Starts the service and waits until its pods are listed.
+async fn start_listed(cfg: Config, opts: Options) -> (serve::Running, Http) {
+    let running = serve::start(cfg, opts).await.expect("service");
+    let http = Http::new(running.addr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get_json("/v1/models").await["models"]
+        .as_array()
+        .is_none_or(|m| m.is_empty())
+    {
+        assert!(Instant::now() < deadline, "pods never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (running, http)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approximate_routing_when_kv_sync_is_off() {
     let (tok_addr, _tok) = tokenizer().await;
@@ -403,18 +418,7 @@ async fn approximate_routing_when_kv_sync_is_off() {
     );
     let mut opts = options(file);
     opts.approx_block_size = 4;
-    let running = serve::start(config(false, tok_addr), opts)
-        .await
-        .expect("service");
-    let http = Http::new(running.addr);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http.get_json("/v1/models").await["models"]
-        .as_array()
-        .is_none_or(|m| m.is_empty())
-    {
-        assert!(Instant::now() < deadline, "pods never listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (running, http) = start_listed(config(false, tok_addr), opts).await;
     let body = json!({"model": MODEL, "token_ids": (1..=12).collect::<Vec<u32>>()});
     let (s, r1) = http.route(&body).await;
     assert_eq!(s, 200, "{r1}");
@@ -456,18 +460,7 @@ async fn recent_decisions_hold_a_new_prefix_on_one_pod_until_events_arrive() {
         );
         let mut opts = options(file);
         opts.routed_ttl = ttl;
-        let running = serve::start(config(true, tok_addr), opts)
-            .await
-            .expect("service");
-        let http = Http::new(running.addr);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http.get_json("/v1/models").await["models"]
-            .as_array()
-            .is_none_or(|m| m.is_empty())
-        {
-            assert!(Instant::now() < deadline, "pods never listed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (running, http) = start_listed(config(true, tok_addr), opts).await;
         let body = json!({"model": MODEL, "token_ids": (1..=48).collect::<Vec<u32>>()});
         let (s, r1) = http.route(&body).await;
         assert_eq!(s, 200, "{r1}");
