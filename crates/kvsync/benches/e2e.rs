@@ -11,8 +11,8 @@
 //! Blocks = stored + removed, counted by the engines. The engines run in this process, on the
 //! same 2 cores as the service: at saturation they compete with it.
 
-use anyhow::{bail, Context, Result};
-use kvsync::demo::{metric_value, Fleet, Service};
+use anyhow::{Context, Result};
+use kvsync::demo::{Fleet, Service};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,21 +56,8 @@ async fn start(fleet: &Fleet, name: &str) -> Result<Service> {
 
 /// Waits until the service applied `batches` batches; returns when it did.
 async fn applied(svc: &Service, batches: u64) -> Result<Instant> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let text = svc.metrics().await?;
-        let n = metric_value(&text, "kvsync_batches_applied_total").unwrap_or(0.0) as u64;
-        if n >= batches {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "applied {n} of {batches} batches in 120 s; see {}",
-                svc.log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    svc.await_applied(batches, Duration::from_secs(120)).await?;
+    Ok(Instant::now())
 }
 
 /// The engines' first batches may be dropped by PUB before a subscription lands; replay

@@ -300,7 +300,8 @@ pub fn workload(cfg: &DemoConfig, vocab: u32) -> Vec<Vec<Turn>> {
     out
 }
 
-const VOCAB: u32 = 32_000;
+/// The vocabulary of the demo model (engines and tokenizer).
+pub const VOCAB: u32 = 32_000;
 
 /// A fleet of engines, each with its wire format: map-shaped 0.33 with integer hashes, map
 /// 0.24 with 32-byte hashes (replay without topic), array-shaped 0.14 with integer hashes.
@@ -560,6 +561,25 @@ impl Service {
         Ok((ticks(11)? + ticks(12)?) / 100.0)
     }
 
+    /// Waits (up to `timeout`) until the service applied `batches` batches; its metrics then.
+    pub async fn await_applied(&self, batches: u64, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.metrics().await?;
+            let applied = metric_value(&text, "kvsync_batches_applied_total").unwrap_or(0.0) as u64;
+            if applied >= batches {
+                return Ok(text);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kvsync applied {applied} of {batches} batches within {timeout:?}; see {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> Result<String> {
         let (status, body) = self.http.call("GET", "/metrics", Vec::new()).await?;
         if status != 200 {
@@ -697,43 +717,61 @@ impl Router {
     }
 }
 
-/// Runs every policy of `cfg` on the same load; `out` gets progress lines.
+/// Runs every policy of `cfg` on the same load (a fresh fleet each), with progress on stderr
+/// when `cfg.progress`.
 pub async fn run(cfg: &DemoConfig) -> Result<DemoReport> {
     std::fs::create_dir_all(&cfg.work_dir)
         .with_context(|| format!("creating {}", cfg.work_dir.display()))?;
     let load = Arc::new(workload(cfg, VOCAB));
     let requests: usize = load.iter().map(Vec::len).sum();
-    let tok_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the tokenizer")?;
-    let tok_addr = tok_listener.local_addr().context("tokenizer address")?;
-    let stop_tok = tokio_util::sync::CancellationToken::new();
-    let tok_task = tokio::spawn(engine_sim::serve_tokenizer(
-        tok_listener,
-        Tokenizer {
-            vocab: VOCAB,
-            max_model_len: 32_768,
-        },
-        stop_tok.clone().cancelled_owned(),
-    ));
+    let tokenizer = TokenizerServer::start().await?;
     let mut report = DemoReport {
         results: Vec::new(),
         requests,
     };
+    let mut outcome = Ok(());
     for &policy in &cfg.policies {
-        let r = run_policy(cfg, policy, load.clone(), tok_addr).await;
-        match r {
+        match run_policy(cfg, policy, load.clone(), tokenizer.addr).await {
             Ok(r) => report.results.push((policy, r)),
             Err(e) => {
-                stop_tok.cancel();
-                let _ = tok_task.await;
-                return Err(e.context(format!("policy {}", policy.name())));
+                outcome = Err(e.context(format!("policy {}", policy.name())));
+                break;
             }
         }
     }
-    stop_tok.cancel();
-    let _ = tok_task.await;
-    Ok(report)
+    tokenizer.stop().await;
+    outcome.map(|()| report)
+}
+
+/// The engines' tokenizer (`POST /tokenize`) on a loopback port.
+pub struct TokenizerServer {
+    pub addr: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TokenizerServer {
+    pub async fn start() -> Result<TokenizerServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the tokenizer")?;
+        let addr = listener.local_addr().context("tokenizer address")?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(engine_sim::serve_tokenizer(
+            listener,
+            Tokenizer {
+                vocab: VOCAB,
+                max_model_len: 32_768,
+            },
+            stop.clone().cancelled_owned(),
+        ));
+        Ok(TokenizerServer { addr, stop, task })
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 async fn run_policy(
@@ -873,22 +911,7 @@ async fn run_policy(
         // Every batch applied (by every replica) before the CPU is read.
         let mut texts = Vec::new();
         for svc in &services {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            texts.push(loop {
-                let text = svc.metrics().await?;
-                let applied =
-                    metric_value(&text, "kvsync_batches_applied_total").unwrap_or(0.0) as u64;
-                if applied >= batches1 {
-                    break text;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "kvsync applied {applied} of {batches1} batches within 30 s; see {}",
-                        svc.log.display()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            });
+            texts.push(svc.await_applied(batches1, Duration::from_secs(30)).await?);
         }
         let cpu = services
             .iter()

@@ -2,37 +2,17 @@
 //! `kvsync serve` binary (subscribers, index, HTTP) → routing, judged by the engines' own
 //! prefix-cache hits.
 
-use engine_sim::{serve_tokenizer, Tokenizer};
-use kvsync::demo::{metric_value, DemoConfig, Fleet, Policy, Service};
+use engine_sim::Tokenizer;
+use kvsync::demo::{metric_value, DemoConfig, Fleet, Policy, Service, TokenizerServer, VOCAB};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
-
-const VOCAB: u32 = 32_000;
 
 fn work_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kvsync-e2e-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).expect("work dir");
     d
-}
-
-async fn tokenizer() -> (SocketAddr, CancellationToken) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    tokio::spawn(serve_tokenizer(
-        l,
-        Tokenizer {
-            vocab: VOCAB,
-            max_model_len: 32_768,
-        },
-        stop.clone().cancelled_owned(),
-    ));
-    (addr, stop)
 }
 
 /// kvsync serving `fleet` (KV sync on, one replica).
@@ -170,9 +150,9 @@ async fn routing_on_events_beats_round_robin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_engine_is_reset_and_relearned_and_text_routes_like_tokens() {
-    let (tok, stop_tok) = tokenizer().await;
+    let tok = TokenizerServer::start().await.expect("tokenizer");
     let mut fleet = Fleet::start(2, 256, 3).expect("fleet");
-    let svc = service(&fleet, "restart", tok).await;
+    let svc = service(&fleet, "restart", tok.addr).await;
     let (p1, p2) = (tokens(1, 200), tokens(2, 150));
     fleet.engines[0].serve(&p1, None, 40).expect("room");
     fleet.engines[1].serve(&p2, None, 10).expect("room");
@@ -243,14 +223,14 @@ async fn a_restarted_engine_is_reset_and_relearned_and_text_routes_like_tokens()
     );
     assert!(counter(&svc, "kvsync_engine_restarts_total").await > restarts);
     svc.stop().await.expect("clean stop");
-    stop_tok.cancel();
+    tok.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_batch_is_repaired_by_replay() {
-    let (tok, stop_tok) = tokenizer().await;
+    let tok = TokenizerServer::start().await.expect("tokenizer");
     let fleet = Fleet::start(3, 256, 4).expect("fleet");
-    let svc = service(&fleet, "drop", tok).await;
+    let svc = service(&fleet, "drop", tok.addr).await;
     let warm = tokens(10, 64);
     for e in &fleet.engines {
         e.serve(&warm, None, 0).expect("room");
@@ -280,5 +260,5 @@ async fn a_dropped_batch_is_repaired_by_replay() {
         "nothing lost"
     );
     svc.stop().await.expect("clean stop");
-    stop_tok.cancel();
+    tok.stop().await;
 }
