@@ -4,6 +4,7 @@
 use crate::approx::Approx;
 use crate::manager::{PodTable, WorkerTable};
 use crate::metrics::Metrics;
+use crate::request::{self, RouteRequest, TokenIds};
 use crate::tokenizer::{Text, Tokenizer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -13,7 +14,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use prefix_index::{Index, Tier, WorkerId};
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ pub struct AppState {
     pub recent: Approx,
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// When each worker was last selected (tie-breaking); bounded by the workers of the pods.
-    pub selected: parking_lot::Mutex<HashMap<WorkerId, Instant>>,
+    pub selected: parking_lot::Mutex<hashbrown::HashMap<WorkerId, Instant>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -83,79 +83,71 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The body of `POST /v1/route` (unknown fields are ignored).
-#[derive(Debug, serde::Deserialize)]
-struct RouteRequest {
-    model: Option<String>,
-    lora: Option<String>,
-    token_ids: Option<TokenIds>,
-    prompt: Option<String>,
-    messages: Option<Value>,
-    add_special_tokens: Option<bool>,
-    add_generation_prompt: Option<bool>,
+/// A worker named by borrowed parts: looks up `WorkerId` keys without building one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct WorkerRef<'a> {
+    // Field order and types as in `WorkerId`, so both hash alike.
+    pod: &'a str,
+    dp_rank: u32,
 }
 
-/// Token ids read straight into a `Vec<u32>` (no intermediate JSON values).
-#[derive(Debug)]
-struct TokenIds(Vec<u32>);
-
-impl<'de> serde::Deserialize<'de> for TokenIds {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = TokenIds;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("`token_ids` must be an array of token ids (u32)")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<TokenIds, A::Error> {
-                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-                loop {
-                    match seq.next_element::<u32>() {
-                        Ok(Some(t)) => v.push(t),
-                        Ok(None) => return Ok(TokenIds(v)),
-                        Err(_) => {
-                            return Err(serde::de::Error::custom(
-                                "`token_ids` must be an array of token ids (u32)",
-                            ))
-                        }
-                    }
-                }
-            }
+impl<'a> WorkerRef<'a> {
+    fn of(w: &'a WorkerId) -> Self {
+        WorkerRef {
+            pod: &w.pod,
+            dp_rank: w.dp_rank,
         }
-        d.deserialize_seq(V)
+    }
+}
+
+impl hashbrown::Equivalent<WorkerId> for WorkerRef<'_> {
+    fn equivalent(&self, w: &WorkerId) -> bool {
+        self.pod == w.pod && self.dp_rank == w.dp_rank
     }
 }
 
 /// One candidate worker of a route request.
-struct Candidate {
-    worker: WorkerId,
-    address: String,
+struct Candidate<'a> {
+    worker: WorkerRef<'a>,
+    address: &'a str,
     /// Leading blocks the index says the worker holds.
     blocks: u32,
     per_tier: [u32; Tier::COUNT],
     /// Leading blocks recently routed to it.
     routed: u32,
+    /// When it was last selected.
+    last: Option<Instant>,
 }
 
-impl Candidate {
+impl Candidate<'_> {
     /// What the choice ranks by: held, or routed and not yet announced.
     fn rank(&self) -> u32 {
         self.blocks.max(self.routed)
     }
 }
 
-/// The key of a worker in the recent-decisions table.
-fn recent_key(w: &WorkerId) -> String {
-    format!("{}#{}", w.pod, w.dp_rank)
+fn unknown_model(model: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("unknown model {model:?}: no eligible pod serves it"),
+    )
+}
+
+/// The address of an eligible pod serving `model`, if there is one.
+fn pod_of(s: &AppState, model: &str) -> Option<String> {
+    s.pods
+        .read()
+        .values()
+        .filter_map(|v| v.info.target.as_ref().ok())
+        .find(|t| t.model == model)
+        .map(|t| t.ip.clone())
 }
 
 async fn route(
     State(s): State<Arc<AppState>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let started = Instant::now();
     let body = match body {
         Ok(b) => b,
         Err(e) => {
@@ -165,13 +157,14 @@ async fn route(
             )
         }
     };
-    let req: RouteRequest = match serde_json::from_slice(&body) {
+    let req: RouteRequest = match request::parse(&body) {
         Ok(r) => r,
         Err(e) if e.is_syntax() || e.is_eof() => {
             return error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"))
         }
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
     };
+    drop(body);
     let Some(model) = req.model.as_deref().filter(|m| !m.is_empty()) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -201,23 +194,9 @@ async fn route(
             format!("exactly one of `token_ids`, `prompt`, `messages` is required (got {given:?})"),
         );
     }
-    // Candidates: every eligible pod of the model, each rank.
-    let candidates: Vec<(WorkerId, String)> = {
-        let pods = s.pods.read();
-        pods.values()
-            .filter_map(|v| v.info.target.as_ref().ok().map(|t| (v, t)))
-            .filter(|(_, t)| t.model == model)
-            .flat_map(|(v, t)| {
-                (0..t.dp_size).map(move |r| (WorkerId::new(v.info.key.clone(), r), t.ip.clone()))
-            })
-            .collect()
+    let Some(pod_ip) = pod_of(&s, model) else {
+        return unknown_model(model);
     };
-    if candidates.is_empty() {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("unknown model {model:?}: no eligible pod serves it"),
-        );
-    }
     let text = match given[0] {
         "token_ids" => None,
         "prompt" => {
@@ -252,83 +231,121 @@ async fn route(
             Some(TokenIds(t)) if !t.is_empty() => t,
             _ => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
         },
-        Some(text) => match tokenize(&s, model, &candidates, text).await {
+        Some(text) => match tokenize(&s, model, &pod_ip, text).await {
             Ok(t) => t,
             Err(r) => return r,
         },
     };
+    let answer = decide(&s, model, lora, &tokens);
+    s.metrics
+        .api
+        .route_seconds
+        .observe(started.elapsed().as_secs_f64());
+    answer
+}
 
+/// Ranks every eligible worker of `model` for `tokens`, selects one and records the choice.
+fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Response {
     let t0 = Instant::now();
-    let (block_size, mut matched): (u32, HashMap<WorkerId, (u32, [u32; Tier::COUNT])>) =
-        if s.kv_sync {
-            let l = s.index.lookup(model, lora, &tokens);
-            (
-                l.block_size.unwrap_or(s.recent.block_size() as u32),
-                l.matches
-                    .into_iter()
-                    .map(|m| (m.worker, (m.blocks, m.per_tier)))
-                    .collect(),
-            )
-        } else {
-            (s.recent.block_size() as u32, HashMap::new())
+    let known = if s.kv_sync {
+        s.index.block_size(model, lora)
+    } else {
+        None
+    };
+    let block_size = known.unwrap_or(s.recent.block_size() as u32);
+    // One chain of block hashes serves the index and the recent decisions; with the latter
+    // off, the index hashes lazily and stops at the first block nobody holds.
+    let (lookup, chain) = if s.recent.enabled() {
+        let chain = s.index.chain(model, lora, block_size, tokens);
+        let l = match known {
+            Some(_) => s.index.lookup_chain(model, lora, &chain),
+            None => prefix_index::Lookup::default(),
         };
-    let recent = s.recent.lookup(model, lora, &tokens, block_size as usize);
+        (l, chain)
+    } else if known.is_some() {
+        (s.index.lookup(model, lora, tokens), Vec::new())
+    } else {
+        Default::default()
+    };
+    let recent = s.recent.lookup(&chain);
     s.metrics
         .api
         .lookup_seconds
         .observe(t0.elapsed().as_secs_f64());
     let num_blocks = (tokens.len() as u32).checked_div(block_size).unwrap_or(0);
-    let mut list: Vec<Candidate> = candidates
-        .into_iter()
-        .map(|(w, address)| {
-            let (blocks, per_tier) = matched.remove(&w).unwrap_or((0, [0; Tier::COUNT]));
-            let routed = recent.get(&recent_key(&w)).copied().unwrap_or(0);
-            Candidate {
-                worker: w,
-                address,
-                blocks,
-                per_tier,
-                routed,
-            }
+    let pods = s.pods.read();
+    // Candidates: every eligible pod of the model, each rank.
+    let mut list: Vec<Candidate> = pods
+        .values()
+        .filter_map(|v| v.info.target.as_ref().ok().map(|t| (v, t)))
+        .filter(|(_, t)| t.model == model)
+        .flat_map(|(v, t)| {
+            (0..t.dp_size).map(move |r| Candidate {
+                worker: WorkerRef {
+                    pod: &v.info.key,
+                    dp_rank: r,
+                },
+                address: &t.ip,
+                blocks: 0,
+                per_tier: [0; Tier::COUNT],
+                routed: 0,
+                last: None,
+            })
         })
         .collect();
+    if list.is_empty() {
+        return unknown_model(model);
+    }
+    if !lookup.matches.is_empty() || !recent.is_empty() {
+        let at: hashbrown::HashMap<WorkerRef, usize> = list
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.worker, i))
+            .collect();
+        for m in &lookup.matches {
+            if let Some(&i) = at.get(&WorkerRef::of(&m.worker)) {
+                list[i].blocks = m.blocks;
+                list[i].per_tier = m.per_tier;
+            }
+        }
+        for (w, n) in &recent {
+            if let Some(&i) = at.get(&WorkerRef::of(w)) {
+                list[i].routed = *n;
+            }
+        }
+    }
     // Best prefix first; among equals, the least recently selected, then by name. One lock
     // over the choice and its record, so concurrent requests rotate rather than pile up.
     let chosen = {
         let mut sel = s.selected.lock();
-        list.sort_by(|a, b| {
+        for c in &mut list {
+            c.last = sel.get(&c.worker).copied();
+        }
+        list.sort_unstable_by(|a, b| {
             b.rank()
                 .cmp(&a.rank())
-                .then_with(|| sel.get(&a.worker).cmp(&sel.get(&b.worker)))
-                .then_with(|| a.worker.cmp(&b.worker))
+                .then_with(|| a.last.cmp(&b.last))
+                .then_with(|| a.worker.pod.cmp(b.worker.pod))
+                .then_with(|| a.worker.dp_rank.cmp(&b.worker.dp_rank))
         });
-        sel.insert(list[0].worker.clone(), Instant::now());
-        if sel.len() > 4 * list.len() + 1024 {
-            // Forget workers that no longer exist.
-            let live: std::collections::HashSet<&WorkerId> =
-                list.iter().map(|c| &c.worker).collect();
-            sel.retain(|w, _| live.contains(w));
+        let best = WorkerId::new(list[0].worker.pod, list[0].worker.dp_rank);
+        sel.insert(best.clone(), Instant::now());
+        if sel.len() > 2 * pods.len() + 1024 {
+            // Forget workers whose pods are gone.
+            sel.retain(|w, _| pods.contains_key(&w.pod));
         }
-        &list[0]
+        best
     };
-    s.recent.record(
-        model,
-        lora,
-        &tokens,
-        block_size as usize,
-        &recent_key(&chosen.worker),
-    );
-    let bucket = match chosen.rank() {
-        0 => "miss",
-        b if b >= num_blocks => "full",
-        _ => "partial",
-    };
-    s.metrics
-        .api
-        .route_decisions
-        .get_or_create(&vec![("bucket".to_owned(), bucket.to_owned())])
-        .inc();
-    fn view(c: &Candidate, block_size: u32, kv_sync: bool) -> PodMatch<'_> {
+    s.recent.record(&chain, &chosen);
+    let chosen = &list[0];
+    let decisions = &s.metrics.api.decisions;
+    match chosen.rank() {
+        0 => &decisions.miss,
+        b if b >= num_blocks => &decisions.full,
+        _ => &decisions.partial,
+    }
+    .inc();
+    fn view<'a>(c: &Candidate<'a>, block_size: u32, kv_sync: bool) -> PodMatch<'a> {
         // Without KV sync, what was routed is all there is to match.
         let blocks = if kv_sync { c.blocks } else { c.routed };
         let tier = Tier::ALL
@@ -337,8 +354,8 @@ async fn route(
             .map(Tier::name)
             .or((!kv_sync && blocks > 0).then_some(Tier::Gpu.name()));
         PodMatch {
-            pod: &c.worker.pod,
-            address: &c.address,
+            pod: c.worker.pod,
+            address: c.address,
             dp_rank: c.worker.dp_rank,
             matched_blocks: blocks,
             matched_tokens: blocks * block_size,
@@ -346,7 +363,6 @@ async fn route(
             routed_blocks: kv_sync.then_some(c.routed),
         }
     }
-    // Typed and serialized in one pass (no intermediate JSON values).
     let answer = RouteAnswer {
         model,
         lora,
@@ -359,10 +375,14 @@ async fn route(
             .map(|c| view(c, block_size, s.kv_sync))
             .collect(),
     };
-    Json(answer).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.to_json(),
+    )
+        .into_response()
 }
 
-#[derive(serde::Serialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct PodMatch<'a> {
     pod: &'a str,
     address: &'a str,
@@ -372,11 +392,11 @@ struct PodMatch<'a> {
     tier: Option<&'static str>,
     /// With KV sync: leading blocks of this prompt routed here recently, whose events may not
     /// have arrived yet (ranking uses the larger of the two).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     routed_blocks: Option<u32>,
 }
 
-#[derive(serde::Serialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct RouteAnswer<'a> {
     model: &'a str,
     lora: Option<&'a str>,
@@ -387,22 +407,97 @@ struct RouteAnswer<'a> {
     pods: Vec<PodMatch<'a>>,
 }
 
+/// Appends `s` as a JSON string.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|c| c < 0x20 || c == b'"' || c == b'\\') {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+fn json_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+impl PodMatch<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(br#"{"pod":"#);
+        json_str(out, self.pod);
+        out.extend_from_slice(br#","address":"#);
+        json_str(out, self.address);
+        out.extend_from_slice(br#","dp_rank":"#);
+        json_u32(out, self.dp_rank);
+        out.extend_from_slice(br#","matched_blocks":"#);
+        json_u32(out, self.matched_blocks);
+        out.extend_from_slice(br#","matched_tokens":"#);
+        json_u32(out, self.matched_tokens);
+        out.extend_from_slice(br#","tier":"#);
+        match self.tier {
+            Some(t) => json_str(out, t),
+            None => out.extend_from_slice(b"null"),
+        }
+        if let Some(r) = self.routed_blocks {
+            out.extend_from_slice(br#","routed_blocks":"#);
+            json_u32(out, r);
+        }
+        out.push(b'}');
+    }
+}
+
+impl RouteAnswer<'_> {
+    /// The answer as JSON, written directly: a 64-pod answer is ~10 KB of fixed keys and
+    /// numbers, where a generic serializer's per-key escaping showed in the route's profile.
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + 160 * (self.pods.len() + 1));
+        out.extend_from_slice(br#"{"model":"#);
+        json_str(&mut out, self.model);
+        out.extend_from_slice(br#","lora":"#);
+        match self.lora {
+            Some(l) => json_str(&mut out, l),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","block_size":"#);
+        json_u32(&mut out, self.block_size);
+        out.extend_from_slice(br#","num_blocks":"#);
+        json_u32(&mut out, self.num_blocks);
+        out.extend_from_slice(if self.exact {
+            br#","exact":true"#
+        } else {
+            br#","exact":false"#
+        });
+        out.extend_from_slice(br#","selected":"#);
+        self.selected.write(&mut out);
+        out.extend_from_slice(br#","pods":["#);
+        for (k, p) in self.pods.iter().enumerate() {
+            if k > 0 {
+                out.push(b',');
+            }
+            p.write(&mut out);
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
 /// Tokenizes with the configured tokenizer, or a ready pod of the model.
 async fn tokenize(
     s: &AppState,
     model: &str,
-    candidates: &[(WorkerId, String)],
+    ip: &str,
     text: Text<'_>,
 ) -> Result<Vec<u32>, Response> {
     let pod_tokenizer;
     let t = match &s.tokenizer {
         Some(t) => t,
         None => {
-            let ip = &candidates[0].1;
             let host = if ip.contains(':') {
                 format!("[{ip}]")
             } else {
-                ip.clone()
+                ip.to_owned()
             };
             pod_tokenizer = Tokenizer::new(
                 &format!("http://{host}:{}", s.pod_tokenizer_port),
@@ -492,4 +587,53 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
         })
         .collect();
     Json(json!({ "models": list })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_answer_json_is_serde_jsons() {
+        let m = |pod, tier, routed| PodMatch {
+            pod,
+            address: "10.0.0.1",
+            dp_rank: 3,
+            matched_blocks: 7,
+            matched_tokens: 112,
+            tier,
+            routed_blocks: routed,
+        };
+        for (model, lora, exact) in [
+            ("m", None, true),
+            ("we\"ird\\ \u{1}mödel", Some("l\n"), false),
+        ] {
+            let a = RouteAnswer {
+                model,
+                lora,
+                block_size: 16,
+                num_blocks: u32::MAX,
+                exact,
+                selected: m("ns/a", Some("GPU"), Some(0)),
+                pods: vec![m("ns/a", Some("GPU"), Some(0)), m("ns/\"b\"", None, None)],
+            };
+            assert_eq!(
+                String::from_utf8(a.to_json()).expect("utf-8"),
+                serde_json::to_string(&a).expect("json")
+            );
+        }
+        let empty = RouteAnswer {
+            model: "m",
+            lora: None,
+            block_size: 0,
+            num_blocks: 0,
+            exact: true,
+            selected: m("p", None, None),
+            pods: Vec::new(),
+        };
+        assert_eq!(
+            String::from_utf8(empty.to_json()).expect("utf-8"),
+            serde_json::to_string(&empty).expect("json")
+        );
+    }
 }

@@ -18,6 +18,7 @@ pub mod json;
 pub mod manager;
 pub mod metrics;
 pub mod pods;
+pub mod request;
 pub mod serve;
 pub mod source;
 pub mod tokenizer;

@@ -18,9 +18,21 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct ApiMetrics {
     pub lookup_seconds: Histogram,
+    /// A route request from its body read to its answer serialized (tokenizing included).
+    pub route_seconds: Histogram,
     /// Route decisions by how much of the prompt the selected pod holds: miss, partial, full.
     pub route_decisions: Family<Vec<(String, String)>, Counter>,
+    /// The three series of `route_decisions`, created once (no label allocation per request).
+    pub decisions: Decisions,
     pub tokenizer_errors: Counter,
+}
+
+/// Route decisions by bucket.
+#[derive(Debug, Clone)]
+pub struct Decisions {
+    pub miss: Counter,
+    pub partial: Counter,
+    pub full: Counter,
 }
 
 /// The registry and what it reads.
@@ -33,17 +45,37 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(index: Arc<Index>, stats: Arc<ManagerStats>, workers: WorkerTable) -> Metrics {
         let mut registry = Registry::with_prefix("kvsync");
+        let route_decisions: Family<Vec<(String, String)>, Counter> = Family::default();
+        let bucket = |b: &str| {
+            route_decisions
+                .get_or_create(&vec![("bucket".to_owned(), b.to_owned())])
+                .clone()
+        };
+        let decisions = Decisions {
+            miss: bucket("miss"),
+            partial: bucket("partial"),
+            full: bucket("full"),
+        };
         let api = ApiMetrics {
             lookup_seconds: Histogram::new([
                 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 2e-2,
             ]),
-            route_decisions: Family::default(),
+            route_seconds: Histogram::new([
+                2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 2e-2, 0.1, 1.0,
+            ]),
+            route_decisions: route_decisions.clone(),
+            decisions,
             tokenizer_errors: Counter::default(),
         };
         registry.register(
             "lookup_seconds",
             "Index lookup latency of a route request",
             api.lookup_seconds.clone(),
+        );
+        registry.register(
+            "route_seconds",
+            "Time to answer a route request, from its body read to its answer (tokenizing included)",
+            api.route_seconds.clone(),
         );
         registry.register(
             "route_decisions",

@@ -141,6 +141,7 @@ impl Index {
     }
 
     /// Which workers hold the longest prefix of `tokens` in context (`model`, `lora`).
+    /// Hashes block by block and stops at the first block nobody holds.
     pub fn lookup(&self, model: &str, lora: Option<&str>, tokens: &[u32]) -> Lookup {
         let tick = self.next_tick();
         let st = self.state.read();
@@ -150,94 +151,51 @@ impl Index {
         let Some(bs) = ctx.block_size else {
             return Lookup::default();
         };
-        ctx.last_used.store(tick, Relaxed);
-        let num_blocks = (tokens.len() / bs as usize) as u32;
+        let seed = self.cfg.seed;
         let mut hasher = ChainHasher::default();
-        // Candidates: workers holding every block so far, with the tiers they hold all of them
-        // on. A count is written only when it stops growing (the block index where the worker
-        // or one of its tiers dropped out), so a block whose holders are those of the block
-        // before costs nothing per candidate.
-        let mut cands: Vec<Cand> = Vec::new();
-        let mut done: Vec<Cand> = Vec::new();
         let mut prev = ctx.root;
-        let mut slot = NIL;
-        let mut blocks = tokens.chunks_exact(bs as usize);
-        // Slots are resolved a window ahead (the window doubles up to 64): the probes of one
-        // window are independent, so their cache misses overlap; a miss costs one small window.
-        let mut window = 4;
-        let mut ahead: Vec<u32> = Vec::with_capacity(64);
-        let mut i = 0u32;
-        let mut last = NIL;
-        'walk: loop {
-            ahead.clear();
-            for chunk in blocks.by_ref().take(window) {
-                prev = hasher.next(self.cfg.seed, prev, chunk);
-                // Blocks of one stored run sit in consecutive slots: try the next slot first.
-                slot = match ctx.next_slot_if(slot, prev).or_else(|| ctx.find(prev)) {
-                    Some(s) => s,
-                    None => {
-                        slot = NIL;
-                        break;
-                    }
-                };
-                ahead.push(slot);
-            }
-            let full_window = ahead.len() == window && slot != NIL;
-            for &slot in &ahead {
-                ctx.slots[slot as usize].touch();
-                if i == 0 {
-                    cands.extend(ctx.holders(slot).map(|h| Cand::new(h.worker, h.tiers)));
-                } else if !ctx.same_holders(last, slot) {
-                    let mut j = 0;
-                    while j < cands.len() {
-                        match ctx.tiers_of(slot, cands[j].worker) {
-                            Some(t) => {
-                                cands[j].narrow(t, i);
-                                j += 1;
-                            }
-                            None => {
-                                let mut c = cands.swap_remove(j);
-                                c.end(i);
-                                done.push(c);
-                            }
-                        }
-                    }
-                    if cands.is_empty() {
-                        break 'walk;
-                    }
-                }
-                i += 1;
-                last = slot;
-            }
-            if !full_window {
-                break;
-            }
-            window = (window * 2).min(64);
-        }
-        for mut c in cands {
-            c.end(i);
-            done.push(c);
-        }
-        let mut matches: Vec<Match> = done
-            .into_iter()
-            .filter_map(|c| {
-                st.workers[c.worker as usize].as_ref().map(|wk| Match {
-                    worker: wk.id.clone(),
-                    blocks: c.blocks,
-                    per_tier: c.per_tier,
-                })
-            })
-            .collect();
-        matches.sort_by(|a, b| {
-            b.blocks
-                .cmp(&a.blocks)
-                .then_with(|| a.worker.cmp(&b.worker))
+        let chain = tokens.chunks_exact(bs as usize).map(|block| {
+            prev = hasher.next(seed, prev, block);
+            prev
         });
-        Lookup {
-            block_size: Some(bs),
-            num_blocks,
-            matches,
-        }
+        let num_blocks = (tokens.len() / bs as usize) as u32;
+        st.walk(ctx, tick, bs, num_blocks, chain)
+    }
+
+    /// The router's chain of block hashes of `tokens` in context (`model`, `lora`) with
+    /// `block_size` tokens per block: what [`Index::lookup_chain`] takes. Computed once, a
+    /// chain can also key what a caller keeps beside the index (recent routing decisions).
+    pub fn chain(
+        &self,
+        model: &str,
+        lora: Option<&str>,
+        block_size: u32,
+        tokens: &[u32],
+    ) -> Vec<u64> {
+        let seed = self.cfg.seed;
+        let mut out = Vec::with_capacity(tokens.len() / block_size.max(1) as usize);
+        ChainHasher::default().chain(
+            seed,
+            context_root(seed, model, lora),
+            block_size.max(1) as usize,
+            tokens,
+            &mut out,
+        );
+        out
+    }
+
+    /// [`Index::lookup`] of a chain from [`Index::chain`], computed with the context's block
+    /// size ([`Index::block_size`]); a chain of another block size matches nothing.
+    pub fn lookup_chain(&self, model: &str, lora: Option<&str>, chain: &[u64]) -> Lookup {
+        let tick = self.next_tick();
+        let st = self.state.read();
+        let Some(ctx) = st.context_ref(model, lora) else {
+            return Lookup::default();
+        };
+        let Some(bs) = ctx.block_size else {
+            return Lookup::default();
+        };
+        st.walk(ctx, tick, bs, chain.len() as u32, chain.iter().copied())
     }
 
     /// The block size learned for a context, if any.
@@ -373,6 +331,102 @@ fn engine_insert(wk: &mut Worker, ekey: u64, c: u32, slot: u32) {
         }
     };
     wk.engine[i].1.insert(ekey as u32, slot);
+}
+
+impl State {
+    /// Which workers hold the longest run of `chain`'s leading blocks in `ctx`.
+    fn walk(
+        &self,
+        ctx: &Context,
+        tick: u64,
+        bs: u32,
+        num_blocks: u32,
+        mut chain: impl Iterator<Item = u64>,
+    ) -> Lookup {
+        ctx.last_used.store(tick, Relaxed);
+        // Candidates: workers holding every block so far, with the tiers they hold all of them
+        // on. A count is written only when it stops growing (the block index where the worker
+        // or one of its tiers dropped out), so a block whose holders are those of the block
+        // before costs nothing per candidate.
+        let mut cands: Vec<Cand> = Vec::new();
+        let mut done: Vec<Cand> = Vec::new();
+        let mut slot = NIL;
+        // Slots are resolved a window ahead (the window doubles up to 64): the probes of one
+        // window are independent, so their cache misses overlap; a miss costs one small window.
+        let mut window = 4;
+        let mut ahead: Vec<u32> = Vec::with_capacity(64);
+        let mut i = 0u32;
+        let mut last = NIL;
+        'walk: loop {
+            ahead.clear();
+            for key in chain.by_ref().take(window) {
+                // Blocks of one stored run sit in consecutive slots: try the next slot first.
+                slot = match ctx.next_slot_if(slot, key).or_else(|| ctx.find(key)) {
+                    Some(s) => s,
+                    None => {
+                        slot = NIL;
+                        break;
+                    }
+                };
+                ahead.push(slot);
+            }
+            let full_window = ahead.len() == window && slot != NIL;
+            for &slot in &ahead {
+                ctx.slots[slot as usize].touch();
+                if i == 0 {
+                    cands.extend(ctx.holders(slot).map(|h| Cand::new(h.worker, h.tiers)));
+                } else if !ctx.same_holders(last, slot) {
+                    let mut j = 0;
+                    while j < cands.len() {
+                        match ctx.tiers_of(slot, cands[j].worker) {
+                            Some(t) => {
+                                cands[j].narrow(t, i);
+                                j += 1;
+                            }
+                            None => {
+                                let mut c = cands.swap_remove(j);
+                                c.end(i);
+                                done.push(c);
+                            }
+                        }
+                    }
+                    if cands.is_empty() {
+                        break 'walk;
+                    }
+                }
+                i += 1;
+                last = slot;
+            }
+            if !full_window {
+                break;
+            }
+            window = (window * 2).min(64);
+        }
+        for mut c in cands {
+            c.end(i);
+            done.push(c);
+        }
+        let mut matches: Vec<Match> = done
+            .into_iter()
+            .filter_map(|c| {
+                self.workers[c.worker as usize].as_ref().map(|wk| Match {
+                    worker: wk.id.clone(),
+                    blocks: c.blocks,
+                    per_tier: c.per_tier,
+                })
+            })
+            .collect();
+        matches.sort_by(|a, b| {
+            b.blocks
+                .cmp(&a.blocks)
+                .then_with(|| a.worker.cmp(&b.worker))
+        });
+        Lookup {
+            block_size: Some(bs),
+            num_blocks,
+            matches,
+        }
+    }
 }
 
 impl State {
