@@ -1,5 +1,13 @@
 //! One (model, LoRA) context: a slab of 32-byte blocks, an open-addressing index of slots
 //! keyed by router hash, the extra holders of shared blocks, and a CLOCK hand for eviction.
+//!
+//! The index holds only the blocks that start a run. A stored event's blocks are new blocks
+//! in consecutive slots, each the parent of the next, so a block whose slot follows its
+//! parent's is found from its parent: [`Context::locate`] looks at the slot after the
+//! parent's before the index. Invariant: a live block is indexed, or the slot before it is
+//! live and is its parent. Freeing a block indexes the block after it when that one was its
+//! child. The fleet workload's 2.2 M blocks need ~30 k index entries instead of 2.2 M: an
+//! index that fits the caches, fewer page faults as it grows, and 13 bytes less per block.
 
 use crate::table::SlotTable;
 use crate::tier::TierMask;
@@ -64,6 +72,8 @@ pub(crate) const NIL: u32 = u32::MAX;
 
 /// Set by a store or a lookup; cleared by the CLOCK hand (second chance).
 const REFERENCED: u8 = 1;
+/// The block is in the context's index (it starts a run).
+const INDEXED: u8 = 2;
 
 /// One block of one context. 32 bytes.
 #[derive(Debug)]
@@ -105,6 +115,15 @@ impl Block {
     pub fn is_free(&self) -> bool {
         self.worker == NIL
     }
+
+    pub fn is_indexed(&self) -> bool {
+        self.flags.load(Relaxed) & INDEXED != 0
+    }
+
+    fn set_indexed(&mut self, on: bool) {
+        let f = self.flags.get_mut();
+        *f = if on { *f | INDEXED } else { *f & !INDEXED };
+    }
 }
 
 #[derive(Debug)]
@@ -115,7 +134,9 @@ pub(crate) struct Context {
     pub block_size: Option<u32>,
     pub slots: Slab,
     free: Vec<u32>,
-    /// Slots by router hash (fingerprint: its low 32 bits).
+    /// Live blocks.
+    live: usize,
+    /// Slots of the blocks that start a run, by router hash (fingerprint: its low 32 bits).
     index: SlotTable,
     /// Further holders of shared blocks, by `Block::more`.
     pub more: Vec<Vec<Holder>>,
@@ -133,6 +154,7 @@ impl Context {
             block_size: None,
             slots: Slab::default(),
             free: Vec::new(),
+            live: 0,
             index: SlotTable::default(),
             more: Vec::new(),
             more_free: Vec::new(),
@@ -143,14 +165,34 @@ impl Context {
 
     /// Blocks held (not free slots).
     pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Blocks in the index (those that start a run).
+    pub fn indexed(&self) -> usize {
         self.index.len()
     }
 
+    /// The slot of the block keyed `key` among those that start a run.
     #[inline]
-    pub fn find(&self, key: u64) -> Option<u32> {
+    fn find_indexed(&self, key: u64) -> Option<u32> {
         let slots = &self.slots;
         self.index
             .find(key as u32, |s| slots[s as usize].key == key)
+    }
+
+    /// The slot of the block keyed `key` whose parent is at `parent` (NIL: a prompt's first
+    /// block). Keys are chained hashes, so only that parent's child can have that key.
+    #[inline]
+    pub fn locate(&self, parent: u32, key: u64) -> Option<u32> {
+        self.next_slot_if(parent, key)
+            .or_else(|| self.find_indexed(key))
+    }
+
+    /// Whether the block at `slot` must be indexed: the slot before it does not hold its
+    /// parent.
+    fn starts_run(&self, slot: u32, parent: u32) -> bool {
+        parent == NIL || slot != parent.wrapping_add(1)
     }
 
     /// Touches the index where `key` would be (see `SlotTable::warm`).
@@ -191,7 +233,11 @@ impl Context {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.index.insert(key as u32, slot);
+        self.live += 1;
+        if self.starts_run(slot, parent) {
+            self.index.insert(key as u32, slot);
+            self.slots[slot as usize].set_indexed(true);
+        }
         if parent != NIL {
             let p = &mut self.slots[parent as usize];
             p.children = p.children.saturating_add(1);
@@ -352,7 +398,9 @@ impl Context {
         if more != NIL {
             self.release_more(slot);
         }
-        self.index.remove(key as u32, slot);
+        if self.slots[slot as usize].is_indexed() {
+            self.index.remove(key as u32, slot);
+        }
         if parent != NIL {
             let p = &mut self.slots[parent as usize];
             p.children = p.children.saturating_sub(1);
@@ -361,7 +409,18 @@ impl Context {
         b.worker = NIL;
         b.more = NIL;
         b.children = 0;
+        b.set_indexed(false);
         self.free.push(slot);
+        self.live -= 1;
+        // The block after it, found through it so far, now starts a run.
+        let next = slot.wrapping_add(1);
+        if let Some(n) = self.slots.get(next as usize) {
+            if !n.is_free() && !n.is_indexed() && n.parent == slot {
+                let key = n.key;
+                self.index.insert(key as u32, next);
+                self.slots[next as usize].set_indexed(true);
+            }
+        }
     }
 
     /// The CLOCK hand's next victim: an unreferenced leaf (second chance for referenced

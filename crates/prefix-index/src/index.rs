@@ -360,8 +360,7 @@ impl State {
         'walk: loop {
             ahead.clear();
             for key in chain.by_ref().take(window) {
-                // Blocks of one stored run sit in consecutive slots: try the next slot first.
-                slot = match ctx.next_slot_if(slot, key).or_else(|| ctx.find(key)) {
+                slot = match ctx.locate(slot, key) {
                     Some(s) => s,
                     None => {
                         slot = NIL;
@@ -635,7 +634,7 @@ impl State {
                 engine: ekey,
             };
             let ctx = self.contexts[c as usize].as_mut().expect("live");
-            let slot = match ctx.find(router) {
+            let slot = match ctx.locate(prev_slot, router) {
                 Some(slot) => {
                     ctx.slots[slot as usize].touch();
                     let old = ctx.with_holder(slot, w, |t, e| {
@@ -743,14 +742,6 @@ impl State {
             for (_, t) in &wk.engine {
                 for h in &r.block_hashes {
                     hits += usize::from(t.warm(h.key64() as u32));
-                }
-            }
-            // Then the router-index entries those blocks will be removed from.
-            for h in &r.block_hashes {
-                if let Some((c, slot)) = engine_find(&self.contexts, wk, w, h.key64()).map(unpack) {
-                    if let Some(ctx) = self.contexts[c as usize].as_ref() {
-                        hits += usize::from(ctx.warm(ctx.slots[slot as usize].key));
-                    }
                 }
             }
             std::hint::black_box(hits);
@@ -870,11 +861,28 @@ impl State {
         for (ci, ctx) in self.contexts.iter().enumerate() {
             let Some(ctx) = ctx else { continue };
             let used: Vec<u32> = ctx.used_slots().collect();
-            assert_eq!(used.len(), ctx.len(), "index and slab disagree");
+            assert_eq!(used.len(), ctx.len(), "live count and slab disagree");
+            assert_eq!(
+                used.iter()
+                    .filter(|&&s| ctx.slots[s as usize].is_indexed())
+                    .count(),
+                ctx.indexed(),
+                "index and indexed flags disagree"
+            );
             blocks += used.len();
             for &slot in &used {
                 let b = &ctx.slots[slot as usize];
-                assert_eq!(ctx.find(b.key), Some(slot), "block not found by its key");
+                if !b.is_indexed() {
+                    assert!(
+                        slot > 0 && b.parent == slot - 1 && !ctx.slots[b.parent as usize].is_free(),
+                        "a block outside the index does not follow its parent"
+                    );
+                }
+                assert_eq!(
+                    ctx.locate(if b.is_indexed() { NIL } else { b.parent }, b.key),
+                    Some(slot),
+                    "block not found by its key"
+                );
                 let hs: Vec<Holder> = ctx.holders(slot).collect();
                 holders_total += hs.len();
                 let mut ws: Vec<u32> = hs.iter().map(|h| h.worker).collect();
