@@ -102,7 +102,7 @@ impl<'a> WorkerRef<'a> {
 
 impl hashbrown::Equivalent<WorkerId> for WorkerRef<'_> {
     fn equivalent(&self, w: &WorkerId) -> bool {
-        self.pod == w.pod && self.dp_rank == w.dp_rank
+        self.pod == &*w.pod && self.dp_rank == w.dp_rank
     }
 }
 
@@ -332,7 +332,7 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
         sel.insert(best.clone(), Instant::now());
         if sel.len() > 2 * pods.len() + 1024 {
             // Forget workers whose pods are gone.
-            sel.retain(|w, _| pods.contains_key(&w.pod));
+            sel.retain(|w, _| pods.contains_key(&*w.pod));
         }
         best
     };

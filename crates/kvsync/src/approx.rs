@@ -130,7 +130,7 @@ mod tests {
     }
 
     fn get(l: &[(WorkerId, u32)], p: &str) -> Option<u32> {
-        l.iter().find(|(x, _)| x.pod == p).map(|(_, n)| *n)
+        l.iter().find(|(x, _)| &*x.pod == p).map(|(_, n)| *n)
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl prometheus_client::collector::Collector for Collector {
                 max_lag = max_lag.max(now - ts);
             }
             let labels = vec![
-                ("pod".to_owned(), w.pod.clone()),
+                ("pod".to_owned(), w.pod.to_string()),
                 ("rank".to_owned(), w.dp_rank.to_string()),
             ];
             held.push((labels, self.index.worker_blocks(w).unwrap_or(0) as i64));

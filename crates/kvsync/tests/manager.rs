@@ -133,7 +133,7 @@ impl Fixture {
             .lookup(MODEL, None, &[1, 2, 3, 4])
             .matches
             .iter()
-            .find(|m| m.worker.pod == pod && m.worker.dp_rank == rank)
+            .find(|m| &*m.worker.pod == pod && m.worker.dp_rank == rank)
             .map_or(0, |m| m.blocks)
     }
 

@@ -104,6 +104,87 @@ pub(crate) struct Holder {
     pub engine: u64,
 }
 
+/// The further holders of a shared block, with a signature of their (worker, tiers) set so a
+/// lookup compares consecutive shared blocks in one step. The signature is a sum of 64-bit
+/// mixes: two different sets share one with probability 2^-64 per comparison, the same odds
+/// the router hash itself already takes.
+#[derive(Debug, Default)]
+pub(crate) struct Holders {
+    workers: Vec<u32>,
+    tiers: Vec<TierMask>,
+    engines: Vec<u64>,
+    sig: u64,
+}
+
+#[inline]
+fn holder_sig(worker: u32, tiers: TierMask) -> u64 {
+    crate::hash::mix((u64::from(worker) << 8) | u64::from(tiers.bits()))
+}
+
+impl Holders {
+    fn push(&mut self, h: Holder) {
+        self.workers.push(h.worker);
+        self.tiers.push(h.tiers);
+        self.engines.push(h.engine);
+        self.sig = self.sig.wrapping_add(holder_sig(h.worker, h.tiers));
+    }
+
+    fn pop(&mut self) -> Option<Holder> {
+        let h = Holder {
+            worker: self.workers.pop()?,
+            tiers: self.tiers.pop()?,
+            engine: self.engines.pop()?,
+        };
+        self.sig = self.sig.wrapping_sub(holder_sig(h.worker, h.tiers));
+        Some(h)
+    }
+
+    fn swap_remove(&mut self, k: usize) {
+        self.sig = self
+            .sig
+            .wrapping_sub(holder_sig(self.workers[k], self.tiers[k]));
+        self.workers.swap_remove(k);
+        self.tiers.swap_remove(k);
+        self.engines.swap_remove(k);
+    }
+
+    /// Whether both hold the same (worker, tiers) set (up to a 2^-64 chance).
+    #[inline]
+    fn same(&self, o: &Holders) -> bool {
+        self.sig == o.sig && self.workers.len() == o.workers.len()
+    }
+
+    /// Whether the signature matches the entries (for invariant checks).
+    fn sig_is_fresh(&self) -> bool {
+        let fresh = self
+            .workers
+            .iter()
+            .zip(&self.tiers)
+            .fold(0u64, |a, (&w, &t)| a.wrapping_add(holder_sig(w, t)));
+        fresh == self.sig
+    }
+
+    fn position(&self, worker: u32) -> Option<usize> {
+        self.workers.iter().position(|&w| w == worker)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    fn get(&self, k: usize) -> Holder {
+        Holder {
+            worker: self.workers[k],
+            tiers: self.tiers[k],
+            engine: self.engines[k],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.workers.len()
+    }
+}
+
 impl Block {
     #[inline]
     pub fn touch(&self) {
@@ -139,7 +220,7 @@ pub(crate) struct Context {
     /// Slots of the blocks that start a run, by router hash (fingerprint: its low 32 bits).
     index: SlotTable,
     /// Further holders of shared blocks, by `Block::more`.
-    pub more: Vec<Vec<Holder>>,
+    pub more: Vec<Holders>,
     more_free: Vec<u32>,
     hand: usize,
     pub last_used: std::sync::atomic::AtomicU64,
@@ -253,12 +334,9 @@ impl Context {
             tiers: b.tiers,
             engine: b.engine,
         };
-        let rest: &[Holder] = if b.more == NIL {
-            &[]
-        } else {
-            &self.more[b.more as usize]
-        };
-        std::iter::once(first).chain(rest.iter().copied())
+        let rest = (b.more != NIL).then(|| &self.more[b.more as usize]);
+        let n = rest.map_or(0, Holders::len);
+        std::iter::once(first).chain((0..n).filter_map(move |k| rest.map(|r| r.get(k))))
     }
 
     /// Whether two blocks have the same holders on the same tiers, in the same order (the
@@ -272,14 +350,14 @@ impl Context {
         match (x.more, y.more) {
             (NIL, NIL) => true,
             (NIL, _) | (_, NIL) => false,
-            (m, n) => {
-                let (l, r) = (&self.more[m as usize], &self.more[n as usize]);
-                l.len() == r.len()
-                    && l.iter()
-                        .zip(r)
-                        .all(|(p, q)| p.worker == q.worker && p.tiers == q.tiers)
-            }
+            (m, n) => self.more[m as usize].same(&self.more[n as usize]),
         }
+    }
+
+    /// Whether the block's further holders' signature matches them (invariant checks).
+    pub fn holder_sig_fresh(&self, slot: u32) -> bool {
+        let b = &self.slots[slot as usize];
+        b.more == NIL || self.more[b.more as usize].sig_is_fresh()
     }
 
     /// The tiers on which `worker` holds `slot`, if it does.
@@ -292,10 +370,8 @@ impl Context {
         if b.more == NIL {
             return None;
         }
-        self.more[b.more as usize]
-            .iter()
-            .find(|x| x.worker == worker)
-            .map(|x| x.tiers)
+        let h = &self.more[b.more as usize];
+        h.position(worker).map(|k| h.tiers[k])
     }
 
     /// Whether `worker` holds `slot` under engine hash `engine`.
@@ -318,10 +394,15 @@ impl Context {
         if b.more == NIL {
             return None;
         }
-        self.more[b.more as usize]
-            .iter_mut()
-            .find(|x| x.worker == worker)
-            .map(|x| f(&mut x.tiers, &mut x.engine))
+        let h = &mut self.more[b.more as usize];
+        let k = h.position(worker)?;
+        let old = h.tiers[k];
+        let r = f(&mut h.tiers[k], &mut h.engines[k]);
+        h.sig = h
+            .sig
+            .wrapping_sub(holder_sig(worker, old))
+            .wrapping_add(holder_sig(worker, h.tiers[k]));
+        Some(r)
     }
 
     /// Adds a further holder to a block.
@@ -331,7 +412,8 @@ impl Context {
             self.more[more as usize].push(holder);
             return;
         }
-        let list = vec![holder];
+        let mut list = Holders::default();
+        list.push(holder);
         let idx = match self.more_free.pop() {
             Some(i) => {
                 self.more[i as usize] = list;
@@ -371,7 +453,7 @@ impl Context {
             return false;
         }
         let list = &mut self.more[more as usize];
-        let Some(i) = list.iter().position(|x| x.worker == worker) else {
+        let Some(i) = list.position(worker) else {
             return false;
         };
         list.swap_remove(i);
@@ -385,7 +467,7 @@ impl Context {
         let b = &mut self.slots[slot as usize];
         let more = b.more;
         b.more = NIL;
-        self.more[more as usize] = Vec::new();
+        self.more[more as usize] = Holders::default();
         self.more_free.push(more);
     }
 

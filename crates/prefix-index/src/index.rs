@@ -341,7 +341,7 @@ impl State {
         tick: u64,
         bs: u32,
         num_blocks: u32,
-        mut chain: impl Iterator<Item = u64>,
+        chain: impl Iterator<Item = u64>,
     ) -> Lookup {
         ctx.last_used.store(tick, Relaxed);
         // Candidates: workers holding every block so far, with the tiers they hold all of them
@@ -351,55 +351,37 @@ impl State {
         let mut cands: Vec<Cand> = Vec::new();
         let mut done: Vec<Cand> = Vec::new();
         let mut slot = NIL;
-        // Slots are resolved a window ahead (the window doubles up to 64): the probes of one
-        // window are independent, so their cache misses overlap; a miss costs one small window.
-        let mut window = 4;
-        let mut ahead: Vec<u32> = Vec::with_capacity(64);
         let mut i = 0u32;
-        let mut last = NIL;
-        'walk: loop {
-            ahead.clear();
-            for key in chain.by_ref().take(window) {
-                slot = match ctx.locate(slot, key) {
-                    Some(s) => s,
-                    None => {
-                        slot = NIL;
-                        break;
-                    }
-                };
-                ahead.push(slot);
-            }
-            let full_window = ahead.len() == window && slot != NIL;
-            for &slot in &ahead {
-                ctx.slots[slot as usize].touch();
-                if i == 0 {
-                    cands.extend(ctx.holders(slot).map(|h| Cand::new(h.worker, h.tiers)));
-                } else if !ctx.same_holders(last, slot) {
-                    let mut j = 0;
-                    while j < cands.len() {
-                        match ctx.tiers_of(slot, cands[j].worker) {
-                            Some(t) => {
-                                cands[j].narrow(t, i);
-                                j += 1;
-                            }
-                            None => {
-                                let mut c = cands.swap_remove(j);
-                                c.end(i);
-                                done.push(c);
-                            }
+        // Runs of one stored event sit in consecutive slots, so most steps read the slot
+        // after the last one (`locate`): a sequential walk the prefetcher follows.
+        for key in chain {
+            let Some(next) = ctx.locate(slot, key) else {
+                break;
+            };
+            ctx.slots[next as usize].touch();
+            if i == 0 {
+                cands.extend(ctx.holders(next).map(|h| Cand::new(h.worker, h.tiers)));
+            } else if !ctx.same_holders(slot, next) {
+                let mut j = 0;
+                while j < cands.len() {
+                    match ctx.tiers_of(next, cands[j].worker) {
+                        Some(t) => {
+                            cands[j].narrow(t, i);
+                            j += 1;
+                        }
+                        None => {
+                            let mut c = cands.swap_remove(j);
+                            c.end(i);
+                            done.push(c);
                         }
                     }
-                    if cands.is_empty() {
-                        break 'walk;
-                    }
                 }
-                i += 1;
-                last = slot;
+                if cands.is_empty() {
+                    break;
+                }
             }
-            if !full_window {
-                break;
-            }
-            window = (window * 2).min(64);
+            i += 1;
+            slot = next;
         }
         for mut c in cands {
             c.end(i);
@@ -883,6 +865,7 @@ impl State {
                     Some(slot),
                     "block not found by its key"
                 );
+                assert!(ctx.holder_sig_fresh(slot), "stale holder signature");
                 let hs: Vec<Holder> = ctx.holders(slot).collect();
                 holders_total += hs.len();
                 let mut ws: Vec<u32> = hs.iter().map(|h| h.worker).collect();

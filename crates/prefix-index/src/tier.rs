@@ -42,6 +42,10 @@ impl Tier {
 pub struct TierMask(u8);
 
 impl TierMask {
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
     pub fn only(t: Tier) -> Self {
         TierMask(1 << t as u8)
     }

@@ -49,15 +49,16 @@ impl IndexConfig {
 }
 
 /// A worker: one data-parallel rank of one pod.
+/// Cheap to clone (the name is shared): a lookup hands one out per matching worker.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerId {
     /// `namespace/name` (or any stable name).
-    pub pod: String,
+    pub pod: std::sync::Arc<str>,
     pub dp_rank: u32,
 }
 
 impl WorkerId {
-    pub fn new(pod: impl Into<String>, dp_rank: u32) -> Self {
+    pub fn new(pod: impl Into<std::sync::Arc<str>>, dp_rank: u32) -> Self {
         WorkerId {
             pod: pod.into(),
             dp_rank,
