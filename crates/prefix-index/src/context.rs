@@ -70,30 +70,62 @@ impl std::ops::IndexMut<usize> for Slab {
 /// "No slot" / "no worker" / "no overflow list".
 pub(crate) const NIL: u32 = u32::MAX;
 
+/// `Block::meta`: the first holder's tiers in the low four bits, then two flags.
+const TIERS: u8 = 0x0f;
 /// Set by a store or a lookup; cleared by the CLOCK hand (second chance).
-const REFERENCED: u8 = 1;
+const REFERENCED: u8 = 0x10;
 /// The block is in the context's index (it starts a run).
-const INDEXED: u8 = 2;
+const INDEXED: u8 = 0x20;
+/// `Block::worker` of a free slot.
+const FREE: u16 = u16::MAX;
 
-/// One block of one context. 32 bytes.
-#[derive(Debug)]
+/// Splits a 64-bit hash into two 32-bit words (so a block needs only 4-byte alignment).
+#[inline]
+fn split(v: u64) -> [u32; 2] {
+    [v as u32, (v >> 32) as u32]
+}
+
+#[inline]
+fn join(w: [u32; 2]) -> u64 {
+    u64::from(w[0]) | (u64::from(w[1]) << 32)
+}
+
+/// One block of one context: 28 bytes, 4-byte aligned (the two 64-bit hashes are kept as
+/// pairs of 32-bit words; the compiler joins them into one 8-byte load).
 pub(crate) struct Block {
     /// Router hash.
-    pub key: u64,
+    key: [u32; 2],
     /// Engine hash of the first holder.
-    pub engine: u64,
+    engine: [u32; 2],
     /// Slot of the parent block, or NIL at the prompt start. The parent may have been removed
     /// (and its slot reused) since: the link only steers eviction, never a lookup.
     pub parent: u32,
-    /// First holder's worker index; NIL marks a free slot.
-    pub worker: u32,
     /// Index of the list of further holders in `Context::more`, or NIL.
     pub more: u32,
+    /// First holder's worker index (below `u16::MAX`: the index caps its workers there);
+    /// `FREE` marks a free slot.
+    worker: u16,
     /// Children stored after it (saturating; a heuristic for leaf-first eviction).
-    pub children: u16,
-    /// First holder's tiers.
-    pub tiers: TierMask,
-    flags: AtomicU8,
+    pub children: u8,
+    /// Tiers of the first holder and the flags; atomic because lookups set `REFERENCED`
+    /// under the read lock.
+    meta: AtomicU8,
+}
+
+const _: () = assert!(std::mem::size_of::<Block>() == 28);
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("key", &self.key())
+            .field("engine", &self.engine())
+            .field("parent", &self.parent)
+            .field("more", &self.more)
+            .field("worker", &self.worker())
+            .field("children", &self.children)
+            .field("meta", &self.meta.load(Relaxed))
+            .finish()
+    }
 }
 
 /// A further holder of a shared block.
@@ -186,23 +218,69 @@ impl Holders {
 }
 
 impl Block {
+    /// The router hash.
+    #[inline]
+    pub fn key(&self) -> u64 {
+        join(self.key)
+    }
+
+    /// The first holder's engine hash.
+    #[inline]
+    pub fn engine(&self) -> u64 {
+        join(self.engine)
+    }
+
     #[inline]
     pub fn touch(&self) {
-        if self.flags.load(Relaxed) & REFERENCED == 0 {
-            self.flags.fetch_or(REFERENCED, Relaxed);
+        if self.meta.load(Relaxed) & REFERENCED == 0 {
+            self.meta.fetch_or(REFERENCED, Relaxed);
         }
     }
 
+    #[inline]
     pub fn is_free(&self) -> bool {
-        self.worker == NIL
+        self.worker == FREE
+    }
+
+    /// The first holder's worker (NIL for a free slot).
+    #[inline]
+    pub fn worker(&self) -> u32 {
+        if self.worker == FREE {
+            NIL
+        } else {
+            u32::from(self.worker)
+        }
+    }
+
+    fn set_worker(&mut self, w: u32) {
+        self.worker = if w == NIL { FREE } else { w as u16 };
+    }
+
+    /// The first holder's tiers.
+    #[inline]
+    pub fn tiers(&self) -> TierMask {
+        TierMask::from_bits(self.meta.load(Relaxed) & TIERS)
+    }
+
+    fn set_tiers(&mut self, t: TierMask) {
+        let m = self.meta.get_mut();
+        *m = (*m & !TIERS) | (t.bits() & TIERS);
+    }
+
+    fn referenced(&self) -> bool {
+        self.meta.load(Relaxed) & REFERENCED != 0
+    }
+
+    fn clear_referenced(&self) {
+        self.meta.fetch_and(!REFERENCED, Relaxed);
     }
 
     pub fn is_indexed(&self) -> bool {
-        self.flags.load(Relaxed) & INDEXED != 0
+        self.meta.load(Relaxed) & INDEXED != 0
     }
 
     fn set_indexed(&mut self, on: bool) {
-        let f = self.flags.get_mut();
+        let f = self.meta.get_mut();
         *f = if on { *f | INDEXED } else { *f & !INDEXED };
     }
 }
@@ -259,7 +337,7 @@ impl Context {
     fn find_indexed(&self, key: u64) -> Option<u32> {
         let slots = &self.slots;
         self.index
-            .find(key as u32, |s| slots[s as usize].key == key)
+            .find(key as u32, |s| slots[s as usize].key() == key)
     }
 
     /// The slot of the block keyed `key` whose parent is at `parent` (NIL: a prompt's first
@@ -287,7 +365,7 @@ impl Context {
     pub fn next_slot_if(&self, slot: u32, key: u64) -> Option<u32> {
         let next = slot.wrapping_add(1);
         match self.slots.get(next as usize) {
-            Some(b) if b.key == key && !b.is_free() => Some(next),
+            Some(b) if b.key() == key && !b.is_free() => Some(next),
             _ => None,
         }
     }
@@ -295,14 +373,17 @@ impl Context {
     /// Inserts a new block held by one worker; returns its slot.
     pub fn insert(&mut self, key: u64, parent: u32, holder: Holder) -> u32 {
         let block = Block {
-            key,
-            engine: holder.engine,
+            key: split(key),
+            engine: split(holder.engine),
             parent,
-            worker: holder.worker,
+            worker: if holder.worker == NIL {
+                FREE
+            } else {
+                holder.worker as u16
+            },
             more: NIL,
             children: 0,
-            tiers: holder.tiers,
-            flags: AtomicU8::new(REFERENCED),
+            meta: AtomicU8::new(REFERENCED | (holder.tiers.bits() & TIERS)),
         };
         let slot = match self.free.pop() {
             Some(s) => {
@@ -330,9 +411,9 @@ impl Context {
     pub fn holders(&self, slot: u32) -> impl Iterator<Item = Holder> + '_ {
         let b = &self.slots[slot as usize];
         let first = Holder {
-            worker: b.worker,
-            tiers: b.tiers,
-            engine: b.engine,
+            worker: b.worker(),
+            tiers: b.tiers(),
+            engine: b.engine(),
         };
         let rest = (b.more != NIL).then(|| &self.more[b.more as usize]);
         let n = rest.map_or(0, Holders::len);
@@ -344,7 +425,7 @@ impl Context {
     #[inline]
     pub fn same_holders(&self, a: u32, b: u32) -> bool {
         let (x, y) = (&self.slots[a as usize], &self.slots[b as usize]);
-        if x.worker != y.worker || x.tiers != y.tiers {
+        if x.worker != y.worker || x.tiers() != y.tiers() {
             return false;
         }
         match (x.more, y.more) {
@@ -364,8 +445,8 @@ impl Context {
     #[inline]
     pub fn tiers_of(&self, slot: u32, worker: u32) -> Option<TierMask> {
         let b = &self.slots[slot as usize];
-        if b.worker == worker {
-            return Some(b.tiers);
+        if b.worker() == worker {
+            return Some(b.tiers());
         }
         if b.more == NIL {
             return None;
@@ -388,8 +469,12 @@ impl Context {
         f: impl FnOnce(&mut TierMask, &mut u64) -> R,
     ) -> Option<R> {
         let b = &mut self.slots[slot as usize];
-        if b.worker == worker {
-            return Some(f(&mut b.tiers, &mut b.engine));
+        if b.worker() == worker {
+            let (mut tiers, mut engine) = (b.tiers(), b.engine());
+            let r = f(&mut tiers, &mut engine);
+            b.set_tiers(tiers);
+            b.engine = split(engine);
+            return Some(r);
         }
         if b.more == NIL {
             return None;
@@ -432,14 +517,14 @@ impl Context {
     pub fn remove_holder(&mut self, slot: u32, worker: u32) -> bool {
         let b = &mut self.slots[slot as usize];
         let more = b.more;
-        if b.worker == worker {
+        if b.worker() == worker {
             // Promote a further holder, if any.
             if more != NIL {
                 let list = &mut self.more[more as usize];
                 if let Some(next) = list.pop() {
-                    b.worker = next.worker;
-                    b.tiers = next.tiers;
-                    b.engine = next.engine;
+                    b.set_worker(next.worker);
+                    b.set_tiers(next.tiers);
+                    b.engine = split(next.engine);
                     if list.is_empty() {
                         self.release_more(slot);
                     }
@@ -475,7 +560,7 @@ impl Context {
     pub fn free_block(&mut self, slot: u32) {
         let (key, parent, more) = {
             let b = &self.slots[slot as usize];
-            (b.key, b.parent, b.more)
+            (b.key(), b.parent, b.more)
         };
         if more != NIL {
             self.release_more(slot);
@@ -488,7 +573,7 @@ impl Context {
             p.children = p.children.saturating_sub(1);
         }
         let b = &mut self.slots[slot as usize];
-        b.worker = NIL;
+        b.set_worker(NIL);
         b.more = NIL;
         b.children = 0;
         b.set_indexed(false);
@@ -498,7 +583,7 @@ impl Context {
         let next = slot.wrapping_add(1);
         if let Some(n) = self.slots.get(next as usize) {
             if !n.is_free() && !n.is_indexed() && n.parent == slot {
-                let key = n.key;
+                let key = n.key();
                 self.index.insert(key as u32, next);
                 self.slots[next as usize].set_indexed(true);
             }
@@ -520,8 +605,8 @@ impl Context {
                 if b.is_free() || (pass < 2 && b.children > 0) {
                     continue;
                 }
-                if b.flags.load(Relaxed) & REFERENCED != 0 {
-                    b.flags.fetch_and(!REFERENCED, Relaxed);
+                if b.referenced() {
+                    b.clear_referenced();
                     continue;
                 }
                 return Some(slot as u32);

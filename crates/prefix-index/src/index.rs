@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Accounting costs, in bytes: a slab block and its index entry; a further holder; an
 /// engine-table entry (8 bytes at about 3/4 load); a context; a worker.
-pub(crate) const BLOCK_COST: usize = 32 + 10;
+pub(crate) const BLOCK_COST: usize = 28 + 10;
 pub(crate) const HOLDER_COST: usize = 16;
 pub(crate) const ENGINE_COST: usize = 10;
 const CONTEXT_COST: usize = 512;
@@ -422,7 +422,8 @@ impl State {
         if let Some(&w) = self.worker_ids.get(id) {
             return Some(w);
         }
-        if self.worker_ids.len() >= cfg.max_workers {
+        // Blocks keep a worker index in 16 bits.
+        if self.worker_ids.len() >= cfg.max_workers.min(crate::types::MAX_WORKERS) {
             return None;
         }
         let wk = Worker {
@@ -543,7 +544,7 @@ impl State {
             Some(p) => match engine_find(&self.contexts, wk, w, p.key64()).map(unpack) {
                 Some((pc, ps)) if pc == c => {
                     let ctx = self.contexts[c as usize].as_ref().expect("live");
-                    (ps, ctx.slots[ps as usize].key)
+                    (ps, ctx.slots[ps as usize].key())
                 }
                 _ => {
                     self.stats.orphans += 1;
@@ -598,7 +599,7 @@ impl State {
                     ctx.slots[hs as usize].touch();
                     out.refreshed += 1;
                     prev_slot = hs;
-                    prev_key = ctx.slots[hs as usize].key;
+                    prev_key = ctx.slots[hs as usize].key();
                     chain_intact &= prev_key == chain[i];
                     continue;
                 }
@@ -861,7 +862,7 @@ impl State {
                     );
                 }
                 assert_eq!(
-                    ctx.locate(if b.is_indexed() { NIL } else { b.parent }, b.key),
+                    ctx.locate(if b.is_indexed() { NIL } else { b.parent }, b.key()),
                     Some(slot),
                     "block not found by its key"
                 );

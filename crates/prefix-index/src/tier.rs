@@ -46,6 +46,10 @@ impl TierMask {
         self.0
     }
 
+    pub(crate) fn from_bits(b: u8) -> Self {
+        TierMask(b)
+    }
+
     pub fn only(t: Tier) -> Self {
         TierMask(1 << t as u8)
     }

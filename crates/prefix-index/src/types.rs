@@ -14,9 +14,12 @@ pub struct IndexConfig {
     pub max_contexts: usize,
     /// `AIBRIX_SYNC_MAX_PREFIXES_PER_CONTEXT`: blocks per context.
     pub max_blocks_per_context: usize,
-    /// Workers (pod, rank) tracked at once.
+    /// Workers (pod, rank) tracked at once (at most [`MAX_WORKERS`]).
     pub max_workers: usize,
 }
+
+/// The most workers one index tracks (a block names its worker in 16 bits).
+pub const MAX_WORKERS: usize = 65_535;
 
 impl Default for IndexConfig {
     fn default() -> Self {

@@ -342,3 +342,54 @@ fn readers_and_writers_together_keep_invariants() {
         "every round ended with a clear"
     );
 }
+
+/// Only blocks that start a run are in the router index; the others are found from their
+/// parent. A run cut in the middle, its slots reused by other blocks, and the rest of it
+/// stored again by another worker: every block is still found, and found once.
+#[test]
+fn a_run_cut_in_the_middle_stays_findable() {
+    let index = Index::new(IndexConfig::default());
+    let (a, b) = (WorkerId::new("a", 0), WorkerId::new("b", 0));
+    let tokens: Vec<u32> = (1..=24).collect();
+    index.apply(
+        &a,
+        SRC,
+        &stored(None, &[1, 2, 3, 4, 5, 6], tokens.clone(), 4),
+    );
+    // Remove blocks 2 and 3 (A keeps 0-1 and 4-5: 4-5 are now unreachable from the root for
+    // A, but still stored), then reuse the freed slots for another prompt.
+    index.apply(&a, SRC, &removed(&[3, 4]));
+    index.check_invariants();
+    assert_eq!(blocks_of(&index, &tokens, &a), 2);
+    let other: Vec<u32> = (100..108).collect();
+    index.apply(&a, SRC, &stored(None, &[7, 8], other.clone(), 4));
+    index.check_invariants();
+    // B stores the whole prompt: blocks 0-1 and 4-5 are shared with A, 2-3 are new.
+    index.apply(
+        &b,
+        SRC,
+        &stored(None, &[11, 12, 13, 14, 15, 16], tokens.clone(), 4),
+    );
+    index.check_invariants();
+    assert_eq!(
+        index.stats().blocks,
+        8,
+        "6 blocks of the prompt + 2 of the other"
+    );
+    assert_eq!(blocks_of(&index, &tokens, &b), 6);
+    assert_eq!(blocks_of(&index, &tokens, &a), 2);
+    // A stores 2-3 again: its chain is whole once more, through B's blocks.
+    index.apply(
+        &a,
+        SRC,
+        &stored(Some(2), &[3, 4], tokens[8..16].to_vec(), 4),
+    );
+    index.check_invariants();
+    assert_eq!(blocks_of(&index, &tokens, &a), 6);
+    assert_eq!(blocks_of(&index, &other, &a), 2);
+    assert_eq!(index.stats().blocks, 8);
+    // B drops everything: A's blocks stay findable.
+    index.remove_worker(&b);
+    index.check_invariants();
+    assert_eq!(blocks_of(&index, &tokens, &a), 6);
+}
