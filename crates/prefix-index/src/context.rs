@@ -348,6 +348,19 @@ impl Context {
             .or_else(|| self.find_indexed(key))
     }
 
+    /// [`Context::locate`], with the block.
+    #[inline]
+    pub fn locate_block(&self, parent: u32, key: u64) -> Option<(u32, &Block)> {
+        let next = parent.wrapping_add(1);
+        if let Some(b) = self.slots.get(next as usize) {
+            if b.key() == key && !b.is_free() {
+                return Some((next, b));
+            }
+        }
+        let slot = self.find_indexed(key)?;
+        Some((slot, &self.slots[slot as usize]))
+    }
+
     /// Whether the block at `slot` must be indexed: the slot before it does not hold its
     /// parent.
     fn starts_run(&self, slot: u32, parent: u32) -> bool {
@@ -423,8 +436,7 @@ impl Context {
     /// Whether two blocks have the same holders on the same tiers, in the same order (the
     /// common case along a shared prefix, which lets a lookup skip per-worker checks).
     #[inline]
-    pub fn same_holders(&self, a: u32, b: u32) -> bool {
-        let (x, y) = (&self.slots[a as usize], &self.slots[b as usize]);
+    pub fn same_holders(&self, x: &Block, y: &Block) -> bool {
         if x.worker != y.worker || x.tiers() != y.tiers() {
             return false;
         }

@@ -30,7 +30,7 @@ pub struct ChainHasher {
 
 impl ChainHasher {
     /// The hash of one block's tokens (`l_i`).
-    #[inline]
+    #[inline(always)]
     pub fn tokens(&mut self, seed: u64, tokens: &[u32]) -> u64 {
         if cfg!(target_endian = "little") {
             // The tokens' memory is their little-endian bytes: hash it in place.
@@ -44,7 +44,7 @@ impl ChainHasher {
     }
 
     /// One link of the chain: `h_i` from `h_{i-1}` and `l_i`.
-    #[inline]
+    #[inline(always)]
     pub fn link(seed: u64, prev: u64, local: u64) -> u64 {
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&prev.to_le_bytes());
@@ -53,7 +53,7 @@ impl ChainHasher {
     }
 
     /// `h_i` from `h_{i-1}` and block i's tokens.
-    #[inline]
+    #[inline(always)]
     pub fn next(&mut self, seed: u64, prev: u64, tokens: &[u32]) -> u64 {
         let local = self.tokens(seed, tokens);
         Self::link(seed, prev, local)

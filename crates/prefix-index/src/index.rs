@@ -351,37 +351,41 @@ impl State {
         let mut cands: Vec<Cand> = Vec::new();
         let mut done: Vec<Cand> = Vec::new();
         let mut slot = NIL;
+        let mut last: Option<&crate::context::Block> = None;
         let mut i = 0u32;
         // Runs of one stored event sit in consecutive slots, so most steps read the slot
         // after the last one (`locate`): a sequential walk the prefetcher follows.
         for key in chain {
-            let Some(next) = ctx.locate(slot, key) else {
+            let Some((next, b)) = ctx.locate_block(slot, key) else {
                 break;
             };
-            ctx.slots[next as usize].touch();
-            if i == 0 {
-                cands.extend(ctx.holders(next).map(|h| Cand::new(h.worker, h.tiers)));
-            } else if !ctx.same_holders(slot, next) {
-                let mut j = 0;
-                while j < cands.len() {
-                    match ctx.tiers_of(next, cands[j].worker) {
-                        Some(t) => {
-                            cands[j].narrow(t, i);
-                            j += 1;
-                        }
-                        None => {
-                            let mut c = cands.swap_remove(j);
-                            c.end(i);
-                            done.push(c);
+            b.touch();
+            match last {
+                None => cands.extend(ctx.holders(next).map(|h| Cand::new(h.worker, h.tiers))),
+                Some(l) if ctx.same_holders(l, b) => {}
+                Some(_) => {
+                    let mut j = 0;
+                    while j < cands.len() {
+                        match ctx.tiers_of(next, cands[j].worker) {
+                            Some(t) => {
+                                cands[j].narrow(t, i);
+                                j += 1;
+                            }
+                            None => {
+                                let mut c = cands.swap_remove(j);
+                                c.end(i);
+                                done.push(c);
+                            }
                         }
                     }
-                }
-                if cands.is_empty() {
-                    break;
+                    if cands.is_empty() {
+                        break;
+                    }
                 }
             }
             i += 1;
             slot = next;
+            last = Some(b);
         }
         for mut c in cands {
             c.end(i);
