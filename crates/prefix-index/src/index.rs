@@ -143,6 +143,27 @@ impl Index {
     /// Which workers hold the longest prefix of `tokens` in context (`model`, `lora`).
     /// Hashes block by block and stops at the first block nobody holds.
     pub fn lookup(&self, model: &str, lora: Option<&str>, tokens: &[u32]) -> Lookup {
+        let seed = self.cfg.seed;
+        self.walk_context(model, lora, |st, ctx, tick, bs| {
+            let mut hasher = ChainHasher::default();
+            let mut prev = ctx.root;
+            let chain = tokens.chunks_exact(bs as usize).map(|block| {
+                prev = hasher.next(seed, prev, block);
+                prev
+            });
+            let num_blocks = (tokens.len() / bs as usize) as u32;
+            st.walk(ctx, tick, bs, num_blocks, chain)
+        })
+    }
+
+    /// Runs a walk in context (`model`, `lora`) under the read lock, if the context exists
+    /// and knows its block size.
+    fn walk_context(
+        &self,
+        model: &str,
+        lora: Option<&str>,
+        walk: impl FnOnce(&State, &Context, u64, u32) -> Lookup,
+    ) -> Lookup {
         let tick = self.next_tick();
         let st = self.state.read();
         let Some(ctx) = st.context_ref(model, lora) else {
@@ -151,15 +172,7 @@ impl Index {
         let Some(bs) = ctx.block_size else {
             return Lookup::default();
         };
-        let seed = self.cfg.seed;
-        let mut hasher = ChainHasher::default();
-        let mut prev = ctx.root;
-        let chain = tokens.chunks_exact(bs as usize).map(|block| {
-            prev = hasher.next(seed, prev, block);
-            prev
-        });
-        let num_blocks = (tokens.len() / bs as usize) as u32;
-        st.walk(ctx, tick, bs, num_blocks, chain)
+        walk(&st, ctx, tick, bs)
     }
 
     /// The router's chain of block hashes of `tokens` in context (`model`, `lora`) with
@@ -187,15 +200,9 @@ impl Index {
     /// [`Index::lookup`] of a chain from [`Index::chain`], computed with the context's block
     /// size ([`Index::block_size`]); a chain of another block size matches nothing.
     pub fn lookup_chain(&self, model: &str, lora: Option<&str>, chain: &[u64]) -> Lookup {
-        let tick = self.next_tick();
-        let st = self.state.read();
-        let Some(ctx) = st.context_ref(model, lora) else {
-            return Lookup::default();
-        };
-        let Some(bs) = ctx.block_size else {
-            return Lookup::default();
-        };
-        st.walk(ctx, tick, bs, chain.len() as u32, chain.iter().copied())
+        self.walk_context(model, lora, |st, ctx, tick, bs| {
+            st.walk(ctx, tick, bs, chain.len() as u32, chain.iter().copied())
+        })
     }
 
     /// The block size learned for a context, if any.
