@@ -245,6 +245,12 @@ async fn pods(s: Shared, ns: Option<String>, q: HashMap<String, String>, raw: St
     };
     let body = stream::unfold((w, in_ns), |(mut w, in_ns)| async move {
         loop {
+            // A cut ends the stream before it delivers anything more, even when the stream
+            // wakes only after the partition is over (the changes made during it must come
+            // through the resumed watch or a relist, never this stream).
+            if w.cut.has_changed().unwrap_or(true) {
+                return None;
+            }
             let (lines, rv, paused) = {
                 let st = w.s.store.lock().expect("store");
                 let sel = w.selector.as_deref();
