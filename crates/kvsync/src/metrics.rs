@@ -20,9 +20,8 @@ pub struct ApiMetrics {
     pub lookup_seconds: Histogram,
     /// A route request from its body read to its answer serialized (tokenizing included).
     pub route_seconds: Histogram,
-    /// Route decisions by how much of the prompt the selected pod holds: miss, partial, full.
-    pub route_decisions: Family<Vec<(String, String)>, Counter>,
-    /// The three series of `route_decisions`, created once (no label allocation per request).
+    /// Route decisions by how much of the prompt the selected pod holds (the three series of
+    /// `kvsync_route_decisions_total`, created once: no label allocation per request).
     pub decisions: Decisions,
     pub tokenizer_errors: Counter,
 }
@@ -63,7 +62,6 @@ impl Metrics {
             route_seconds: Histogram::new([
                 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 2e-2, 0.1, 1.0,
             ]),
-            route_decisions: route_decisions.clone(),
             decisions,
             tokenizer_errors: Counter::default(),
         };
@@ -80,7 +78,7 @@ impl Metrics {
         registry.register(
             "route_decisions",
             "Route decisions by the selected pod's cached prefix (miss, partial, full)",
-            api.route_decisions.clone(),
+            route_decisions,
         );
         registry.register(
             "tokenizer_errors",

@@ -344,11 +344,11 @@ impl Context {
     /// block). Keys are chained hashes, so only that parent's child can have that key.
     #[inline]
     pub fn locate(&self, parent: u32, key: u64) -> Option<u32> {
-        self.next_slot_if(parent, key)
-            .or_else(|| self.find_indexed(key))
+        self.locate_block(parent, key).map(|(slot, _)| slot)
     }
 
-    /// [`Context::locate`], with the block.
+    /// [`Context::locate`], with the block: the slot after the parent's when it holds `key`
+    /// (a run's next block), else the index of run starts.
     #[inline]
     pub fn locate_block(&self, parent: u32, key: u64) -> Option<(u32, &Block)> {
         let next = parent.wrapping_add(1);
@@ -365,22 +365,6 @@ impl Context {
     /// parent.
     fn starts_run(&self, slot: u32, parent: u32) -> bool {
         parent == NIL || slot != parent.wrapping_add(1)
-    }
-
-    /// Touches the index where `key` would be (see `SlotTable::warm`).
-    #[inline]
-    pub fn warm(&self, key: u64) -> bool {
-        self.index.warm(key as u32)
-    }
-
-    /// `slot + 1` when it holds the block keyed `key` (a cheap guess before `find`).
-    #[inline]
-    pub fn next_slot_if(&self, slot: u32, key: u64) -> Option<u32> {
-        let next = slot.wrapping_add(1);
-        match self.slots.get(next as usize) {
-            Some(b) if b.key() == key && !b.is_free() => Some(next),
-            _ => None,
-        }
     }
 
     /// Inserts a new block held by one worker; returns its slot.
