@@ -1,5 +1,11 @@
-//! One (model, LoRA) context: a slab of 32-byte blocks, an open-addressing index of slots
+//! One (model, LoRA) context: a slab of 28-byte blocks, an open-addressing index of slots
 //! keyed by router hash, the extra holders of shared blocks, and a CLOCK hand for eviction.
+//!
+//! A block that loses its last holder while it still has children stays as a *tombstone*
+//! (no holders, key and parent kept) until its last child goes, so a block's parent slot
+//! always holds its real parent. Hence a block without children has none anywhere: a store
+//! that extends it, and a lookup that walks past it, need not search the index (see
+//! [`Context::locate_block`]). Children are counted exactly for this.
 //!
 //! The index holds only the blocks that start a run. A stored event's blocks are new blocks
 //! in consecutive slots, each the parent of the next, so a block whose slot follows its
@@ -78,6 +84,10 @@ const REFERENCED: u8 = 0x10;
 const INDEXED: u8 = 0x20;
 /// `Block::worker` of a free slot.
 const FREE: u16 = u16::MAX;
+/// `Block::worker` of a tombstone: no holder, kept for its children.
+const TOMB: u16 = u16::MAX - 1;
+/// `Block::children` at and above which the exact count lives in `Context::wide`.
+const WIDE: u8 = u8::MAX;
 
 /// Splits a 64-bit hash into two 32-bit words (so a block needs only 4-byte alignment).
 #[inline]
@@ -102,11 +112,11 @@ pub(crate) struct Block {
     pub parent: u32,
     /// Index of the list of further holders in `Context::more`, or NIL.
     pub more: u32,
-    /// First holder's worker index (below `u16::MAX`: the index caps its workers there);
-    /// `FREE` marks a free slot.
+    /// First holder's worker index (below `TOMB`: the index caps its workers there);
+    /// `FREE` marks a free slot, `TOMB` a tombstone.
     worker: u16,
-    /// Children stored after it (saturating; a heuristic for leaf-first eviction).
-    pub children: u8,
+    /// Blocks (live or tombstones) whose parent this is; `WIDE`: see `Context::wide`.
+    children: u8,
     /// Tiers of the first holder and the flags; atomic because lookups set `REFERENCED`
     /// under the read lock.
     meta: AtomicU8,
@@ -242,10 +252,22 @@ impl Block {
         self.worker == FREE
     }
 
-    /// The first holder's worker (NIL for a free slot).
+    /// A tombstone: no holder, kept because it has children.
+    #[inline]
+    pub fn is_tomb(&self) -> bool {
+        self.worker == TOMB
+    }
+
+    /// Free or a tombstone: no holder.
+    #[inline]
+    fn is_vacant(&self) -> bool {
+        self.worker >= TOMB
+    }
+
+    /// The first holder's worker (NIL for a free slot or a tombstone).
     #[inline]
     pub fn worker(&self) -> u32 {
-        if self.worker == FREE {
+        if self.is_vacant() {
             NIL
         } else {
             u32::from(self.worker)
@@ -293,8 +315,12 @@ pub(crate) struct Context {
     pub block_size: Option<u32>,
     pub slots: Slab,
     free: Vec<u32>,
-    /// Live blocks.
+    /// Live blocks (held by some worker).
     live: usize,
+    /// Tombstones.
+    tombs: usize,
+    /// Exact child counts of blocks with `WIDE` or more children, by slot.
+    wide: hashbrown::HashMap<u32, u32>,
     /// Slots of the blocks that start a run, by router hash (fingerprint: its low 32 bits).
     index: SlotTable,
     /// Further holders of shared blocks, by `Block::more`.
@@ -314,6 +340,8 @@ impl Context {
             slots: Slab::default(),
             free: Vec::new(),
             live: 0,
+            tombs: 0,
+            wide: hashbrown::HashMap::new(),
             index: SlotTable::default(),
             more: Vec::new(),
             more_free: Vec::new(),
@@ -322,9 +350,62 @@ impl Context {
         }
     }
 
-    /// Blocks held (not free slots).
+    /// Blocks held (not free slots, not tombstones).
     pub fn len(&self) -> usize {
         self.live
+    }
+
+    /// Slots in use: blocks held and tombstones.
+    pub fn used(&self) -> usize {
+        self.live + self.tombs
+    }
+
+    /// Tombstones.
+    pub fn tombs(&self) -> usize {
+        self.tombs
+    }
+
+    /// How many blocks (live or tombstones) have the block at `slot` as parent.
+    #[inline]
+    pub fn children(&self, slot: u32) -> u32 {
+        match self.slots[slot as usize].children {
+            WIDE => self.wide.get(&slot).copied().unwrap_or(u32::from(WIDE)),
+            c => u32::from(c),
+        }
+    }
+
+    fn add_child(&mut self, slot: u32) {
+        let b = &mut self.slots[slot as usize];
+        match b.children {
+            WIDE => *self.wide.entry(slot).or_insert(u32::from(WIDE)) += 1,
+            c if c == WIDE - 1 => {
+                b.children = WIDE;
+                self.wide.insert(slot, u32::from(WIDE));
+            }
+            c => b.children = c + 1,
+        }
+    }
+
+    /// One child fewer; returns how many are left.
+    fn drop_child(&mut self, slot: u32) -> u32 {
+        let b = &mut self.slots[slot as usize];
+        match b.children {
+            WIDE => {
+                let n = self.wide.get(&slot).copied().unwrap_or(u32::from(WIDE)) - 1;
+                if n < u32::from(WIDE) {
+                    self.wide.remove(&slot);
+                    b.children = n as u8;
+                } else {
+                    self.wide.insert(slot, n);
+                }
+                n
+            }
+            0 => 0,
+            c => {
+                b.children = c - 1;
+                u32::from(c - 1)
+            }
+        }
     }
 
     /// Blocks in the index (those that start a run).
@@ -347,15 +428,20 @@ impl Context {
         self.locate_block(parent, key).map(|(slot, _)| slot)
     }
 
-    /// [`Context::locate`], with the block: the slot after the parent's when it holds `key`
-    /// (a run's next block), else the index of run starts.
-    #[inline]
+    /// [`Context::locate`], with the block (live or a tombstone): the slot after the
+    /// parent's when it holds `key` (a run's next block), else the index of run starts —
+    /// unless the parent has no children: then no block has that key (a key is the hash of
+    /// its parent's key and its tokens, and a block's parent slot always holds its parent).
+    #[inline(always)]
     pub fn locate_block(&self, parent: u32, key: u64) -> Option<(u32, &Block)> {
         let next = parent.wrapping_add(1);
         if let Some(b) = self.slots.get(next as usize) {
             if b.key() == key && !b.is_free() {
                 return Some((next, b));
             }
+        }
+        if parent != NIL && self.slots[parent as usize].children == 0 {
+            return None;
         }
         let slot = self.find_indexed(key)?;
         Some((slot, &self.slots[slot as usize]))
@@ -398,23 +484,24 @@ impl Context {
             self.slots[slot as usize].set_indexed(true);
         }
         if parent != NIL {
-            let p = &mut self.slots[parent as usize];
-            p.children = p.children.saturating_add(1);
+            self.add_child(parent);
         }
         slot
     }
 
-    /// Every holder of a block: (worker, tiers, engine).
+    /// Every holder of a block: (worker, tiers, engine). None for a tombstone.
     pub fn holders(&self, slot: u32) -> impl Iterator<Item = Holder> + '_ {
         let b = &self.slots[slot as usize];
-        let first = Holder {
+        let first = (!b.is_vacant()).then(|| Holder {
             worker: b.worker(),
             tiers: b.tiers(),
             engine: b.engine(),
-        };
+        });
         let rest = (b.more != NIL).then(|| &self.more[b.more as usize]);
         let n = rest.map_or(0, Holders::len);
-        std::iter::once(first).chain((0..n).filter_map(move |k| rest.map(|r| r.get(k))))
+        first
+            .into_iter()
+            .chain((0..n).filter_map(move |k| rest.map(|r| r.get(k))))
     }
 
     /// Whether two blocks have the same holders on the same tiers, in the same order (the
@@ -486,12 +573,23 @@ impl Context {
         Some(r)
     }
 
-    /// Adds a further holder to a block.
-    pub fn add_holder(&mut self, slot: u32, holder: Holder) {
-        let more = self.slots[slot as usize].more;
+    /// Adds a holder to a block that `holder.worker` does not hold. Returns true when the
+    /// block was a tombstone (it is live again, `holder` its first holder).
+    pub fn add_holder(&mut self, slot: u32, holder: Holder) -> bool {
+        let b = &mut self.slots[slot as usize];
+        if b.is_tomb() {
+            b.set_worker(holder.worker);
+            b.set_tiers(holder.tiers);
+            b.engine = split(holder.engine);
+            b.touch();
+            self.tombs -= 1;
+            self.live += 1;
+            return true;
+        }
+        let more = b.more;
         if more != NIL {
             self.more[more as usize].push(holder);
-            return;
+            return false;
         }
         let mut list = Holders::default();
         list.push(holder);
@@ -506,11 +604,12 @@ impl Context {
             }
         };
         self.slots[slot as usize].more = idx;
+        false
     }
 
-    /// Removes `worker` from the block's holders. Returns true when it held it; the block
-    /// is freed when no holder is left.
-    pub fn remove_holder(&mut self, slot: u32, worker: u32) -> bool {
+    /// Removes `worker` from the block's holders. Returns whether it held it and, when no
+    /// holder is left, the slots this freed ([`Context::vacate`]).
+    pub fn remove_holder(&mut self, slot: u32, worker: u32) -> (bool, Option<u32>) {
         let b = &mut self.slots[slot as usize];
         let more = b.more;
         if b.worker() == worker {
@@ -524,24 +623,23 @@ impl Context {
                     if list.is_empty() {
                         self.release_more(slot);
                     }
-                    return true;
+                    return (true, None);
                 }
             }
-            self.free_block(slot);
-            return true;
+            return (true, Some(self.vacate(slot)));
         }
         if more == NIL {
-            return false;
+            return (false, None);
         }
         let list = &mut self.more[more as usize];
         let Some(i) = list.position(worker) else {
-            return false;
+            return (false, None);
         };
         list.swap_remove(i);
         if list.is_empty() {
             self.release_more(slot);
         }
-        true
+        (true, None)
     }
 
     fn release_more(&mut self, slot: u32) {
@@ -552,37 +650,48 @@ impl Context {
         self.more_free.push(more);
     }
 
-    /// Frees a slot (its holders must already be released from their engine maps).
-    pub fn free_block(&mut self, slot: u32) {
-        let (key, parent, more) = {
-            let b = &self.slots[slot as usize];
-            (b.key(), b.parent, b.more)
-        };
-        if more != NIL {
+    /// Takes a live block out of use (its holders must already be released from their
+    /// engine maps): a tombstone when it has children, else a free slot — and then its
+    /// parent too when that was a tombstone and this was its last child, and so on up.
+    /// Returns the slots freed (0: it became a tombstone).
+    pub fn vacate(&mut self, slot: u32) -> u32 {
+        if self.slots[slot as usize].more != NIL {
             self.release_more(slot);
         }
-        if self.slots[slot as usize].is_indexed() {
-            self.index.remove(key as u32, slot);
-        }
-        if parent != NIL {
-            let p = &mut self.slots[parent as usize];
-            p.children = p.children.saturating_sub(1);
-        }
-        let b = &mut self.slots[slot as usize];
-        b.set_worker(NIL);
-        b.more = NIL;
-        b.children = 0;
-        b.set_indexed(false);
-        self.free.push(slot);
         self.live -= 1;
-        // The block after it, found through it so far, now starts a run.
-        let next = slot.wrapping_add(1);
-        if let Some(n) = self.slots.get(next as usize) {
-            if !n.is_free() && !n.is_indexed() && n.parent == slot {
-                let key = n.key();
-                self.index.insert(key as u32, next);
-                self.slots[next as usize].set_indexed(true);
+        if self.children(slot) > 0 {
+            let b = &mut self.slots[slot as usize];
+            b.worker = TOMB;
+            b.set_tiers(TierMask::default());
+            b.meta.fetch_and(!REFERENCED, Relaxed);
+            self.tombs += 1;
+            return 0;
+        }
+        let mut freed = 0;
+        let mut s = slot;
+        loop {
+            let (key, parent) = {
+                let b = &self.slots[s as usize];
+                (b.key(), b.parent)
+            };
+            if self.slots[s as usize].is_indexed() {
+                self.index.remove(key as u32, s);
             }
+            let b = &mut self.slots[s as usize];
+            b.set_worker(NIL);
+            b.more = NIL;
+            b.children = 0;
+            b.set_indexed(false);
+            self.free.push(s);
+            freed += 1;
+            if parent == NIL
+                || self.drop_child(parent) > 0
+                || !self.slots[parent as usize].is_tomb()
+            {
+                return freed;
+            }
+            self.tombs -= 1;
+            s = parent;
         }
     }
 
@@ -598,7 +707,7 @@ impl Context {
                 let slot = self.hand % n;
                 self.hand = (slot + 1) % n;
                 let b = &self.slots[slot];
-                if b.is_free() || (pass < 2 && b.children > 0) {
+                if b.is_vacant() || (pass < 2 && b.children > 0) {
                     continue;
                 }
                 if b.referenced() {
@@ -611,11 +720,11 @@ impl Context {
         // Every block was referenced four times over: take the one under the hand.
         (0..n)
             .map(|i| (self.hand + i) % n)
-            .find(|&s| !self.slots[s].is_free())
+            .find(|&s| !self.slots[s].is_vacant())
             .map(|s| s as u32)
     }
 
-    /// Slots in use, for walks over the whole context.
+    /// Slots in use (blocks held and tombstones), for walks over the whole context.
     pub fn used_slots(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots
             .iter()

@@ -368,7 +368,13 @@ impl State {
             };
             b.touch();
             match last {
-                None => cands.extend(ctx.holders(next).map(|h| Cand::new(h.worker, h.tiers))),
+                None => {
+                    cands.extend(ctx.holders(next).map(|h| Cand::new(h.worker, h.tiers)));
+                    if cands.is_empty() {
+                        // A tombstone: nobody holds the first block.
+                        break;
+                    }
+                }
                 Some(l) if ctx.same_holders(l, b) => {}
                 Some(_) => {
                     let mut j = 0;
@@ -642,8 +648,11 @@ impl State {
                             }
                         }
                         None => {
-                            ctx.add_holder(slot, holder);
-                            self.bytes += HOLDER_COST;
+                            if ctx.add_holder(slot, holder) {
+                                self.blocks += 1;
+                            } else {
+                                self.bytes += HOLDER_COST;
+                            }
                         }
                     }
                     slot
@@ -664,7 +673,7 @@ impl State {
         }
         self.scratch = chain;
         // Per-context block limit.
-        while self.contexts[c as usize].as_ref().map_or(0, Context::len)
+        while self.contexts[c as usize].as_ref().map_or(0, Context::used)
             > cfg.max_blocks_per_context
         {
             if !self.evict_one(c) {
@@ -710,13 +719,16 @@ impl State {
             return;
         };
         let shared = ctx.slots[slot as usize].more != NIL;
-        if ctx.remove_holder(slot, w) {
-            if shared {
-                self.bytes -= HOLDER_COST;
+        match ctx.remove_holder(slot, w) {
+            (false, _) => {}
+            (true, None) => {
+                if shared {
+                    self.bytes -= HOLDER_COST;
+                }
             }
-            if ctx.slots[slot as usize].is_free() {
+            (true, Some(freed)) => {
                 self.blocks -= 1;
-                self.bytes -= BLOCK_COST;
+                self.bytes -= freed as usize * BLOCK_COST;
             }
         }
     }
@@ -785,7 +797,7 @@ impl State {
             return;
         };
         for slot in ctx.used_slots() {
-            let mut n = 0;
+            let mut n = 0usize;
             for h in ctx.holders(slot) {
                 if let Some(wk) = self.workers[h.worker as usize].as_mut() {
                     if engine_remove(wk, h.engine, pack(c, slot)) {
@@ -795,8 +807,10 @@ impl State {
                 }
                 n += 1;
             }
-            self.bytes -= BLOCK_COST + (n - 1) * HOLDER_COST;
-            self.blocks -= 1;
+            self.bytes -= BLOCK_COST + n.saturating_sub(1) * HOLDER_COST;
+            if n > 0 {
+                self.blocks -= 1;
+            }
         }
         for wk in self.workers.iter_mut().flatten() {
             wk.engine.retain(|(x, _)| *x != c);
@@ -822,9 +836,9 @@ impl State {
                 }
             }
         }
-        ctx.free_block(slot);
+        let freed = ctx.vacate(slot) as usize;
         self.blocks -= 1;
-        self.bytes -= BLOCK_COST + (holders.len() - 1) * HOLDER_COST;
+        self.bytes -= freed * BLOCK_COST + (holders.len() - 1) * HOLDER_COST;
         self.stats.evictions += 1;
         true
     }
@@ -836,7 +850,7 @@ impl State {
                 .contexts
                 .iter()
                 .enumerate()
-                .filter_map(|(i, c)| c.as_ref().map(|c| (c.len(), i)))
+                .filter_map(|(i, c)| c.as_ref().map(|c| (c.used(), i)))
                 .filter(|(n, _)| *n > 0)
                 .max();
             let Some((_, c)) = victim else { return };
@@ -852,7 +866,29 @@ impl State {
         for (ci, ctx) in self.contexts.iter().enumerate() {
             let Some(ctx) = ctx else { continue };
             let used: Vec<u32> = ctx.used_slots().collect();
-            assert_eq!(used.len(), ctx.len(), "live count and slab disagree");
+            assert_eq!(used.len(), ctx.used(), "used count and slab disagree");
+            let mut children = std::collections::HashMap::<u32, u32>::new();
+            for &slot in &used {
+                let p = ctx.slots[slot as usize].parent;
+                if p != NIL {
+                    assert!(
+                        !ctx.slots[p as usize].is_free(),
+                        "a block's parent slot is free"
+                    );
+                    *children.entry(p).or_default() += 1;
+                }
+            }
+            let mut tombs = 0;
+            for &slot in &used {
+                let n = children.get(&slot).copied().unwrap_or(0);
+                assert_eq!(ctx.children(slot), n, "child count");
+                if ctx.slots[slot as usize].is_tomb() {
+                    tombs += 1;
+                    assert!(n > 0, "a tombstone without children");
+                    assert_eq!(ctx.holders(slot).count(), 0, "a tombstone with holders");
+                }
+            }
+            assert_eq!(tombs, ctx.tombs(), "tombstone count");
             assert_eq!(
                 used.iter()
                     .filter(|&&s| ctx.slots[s as usize].is_indexed())
@@ -860,12 +896,12 @@ impl State {
                 ctx.indexed(),
                 "index and indexed flags disagree"
             );
-            blocks += used.len();
+            blocks += used.len() - tombs;
             for &slot in &used {
                 let b = &ctx.slots[slot as usize];
                 if !b.is_indexed() {
                     assert!(
-                        slot > 0 && b.parent == slot - 1 && !ctx.slots[b.parent as usize].is_free(),
+                        slot > 0 && b.parent == slot - 1,
                         "a block outside the index does not follow its parent"
                     );
                 }

@@ -18,8 +18,9 @@ pub struct IndexConfig {
     pub max_workers: usize,
 }
 
-/// The most workers one index tracks (a block names its worker in 16 bits).
-pub const MAX_WORKERS: usize = 65_535;
+/// The most workers one index tracks (a block names its worker in 16 bits, two values of
+/// which mark free slots and tombstones).
+pub const MAX_WORKERS: usize = 65_534;
 
 impl Default for IndexConfig {
     fn default() -> Self {

@@ -357,7 +357,7 @@ fn a_run_cut_in_the_middle_stays_findable() {
         &stored(None, &[1, 2, 3, 4, 5, 6], tokens.clone(), 4),
     );
     // Remove blocks 2 and 3 (A keeps 0-1 and 4-5: 4-5 are now unreachable from the root for
-    // A, but still stored), then reuse the freed slots for another prompt.
+    // A, but still stored; 2-3 stay as tombstones), then store another prompt.
     index.apply(&a, SRC, &removed(&[3, 4]));
     index.check_invariants();
     assert_eq!(blocks_of(&index, &tokens, &a), 2);
@@ -392,4 +392,83 @@ fn a_run_cut_in_the_middle_stays_findable() {
     index.remove_worker(&b);
     index.check_invariants();
     assert_eq!(blocks_of(&index, &tokens, &a), 6);
+}
+
+/// A block whose last holder goes while it has children stays as a tombstone: no worker
+/// matches it, a store of the same tokens brings it back (its children still attached), and
+/// it is freed with the last of its children, with every byte accounted for.
+#[test]
+fn a_removed_parent_is_a_tombstone_until_its_last_child_goes() {
+    let index = Index::new(IndexConfig::default());
+    let (a, b) = (WorkerId::new("a", 0), WorkerId::new("b", 0));
+    let tokens: Vec<u32> = (1..=16).collect();
+    index.apply(&a, SRC, &stored(None, &[1], tokens[..4].to_vec(), 4));
+    let one_block = index.stats().bytes;
+    index.apply(
+        &a,
+        SRC,
+        &stored(Some(1), &[2, 3, 4], tokens[4..].to_vec(), 4),
+    );
+    // Blocks 1 and 2 go; 3 still hangs below them.
+    index.apply(&a, SRC, &removed(&[2, 3]));
+    index.check_invariants();
+    assert_eq!(blocks_of(&index, &tokens, &a), 1);
+    assert_eq!(index.stats().blocks, 2, "held: blocks 0 and 3");
+    // B stores blocks 0-1: block 1 is the tombstone brought back, not a second copy.
+    index.apply(&b, SRC, &stored(None, &[11, 12], tokens[..8].to_vec(), 4));
+    index.check_invariants();
+    assert_eq!(blocks_of(&index, &tokens, &b), 2);
+    assert_eq!(index.stats().blocks, 3);
+    // B stores block 2 as well: a whole chain again, A's block 3 reachable through it.
+    index.apply(&b, SRC, &stored(Some(12), &[13], tokens[8..12].to_vec(), 4));
+    index.check_invariants();
+    assert_eq!(blocks_of(&index, &tokens, &b), 3);
+    assert_eq!(index.stats().blocks, 4);
+    index.apply(&b, SRC, &removed(&[13, 12]));
+    index.check_invariants();
+    assert_eq!(
+        index.stats().blocks,
+        2,
+        "blocks 0 and 3; 1 and 2 are tombstones again"
+    );
+    // A's last block goes: the tombstones above it (2, then 1) go with it.
+    index.apply(&a, SRC, &removed(&[4]));
+    index.check_invariants();
+    assert_eq!(index.stats().blocks, 1);
+    index.apply(&b, SRC, &removed(&[11]));
+    index.remove_worker(&b);
+    index.check_invariants();
+    assert_eq!(
+        index.stats().bytes,
+        one_block,
+        "A's block 0 alone, as at the start: no tombstone left behind"
+    );
+}
+
+/// Child counts are exact past what a block's own byte holds (255): a block with 300
+/// children, removed, stays a tombstone until the 300th child goes, and then is freed.
+#[test]
+fn a_block_with_hundreds_of_children_counts_them_exactly() {
+    let index = Index::new(IndexConfig::default());
+    let a = WorkerId::new("a", 0);
+    index.apply(&a, SRC, &stored(None, &[1], vec![1, 2, 3, 4], 4));
+    for i in 0..300u32 {
+        let h = 1000 + u64::from(i);
+        index.apply(&a, SRC, &stored(Some(1), &[h], vec![9, 9, 9, i], 4));
+    }
+    index.apply(&a, SRC, &removed(&[1]));
+    index.check_invariants();
+    assert_eq!(index.stats().blocks, 300);
+    for i in 0..300u32 {
+        let h = 1000 + u64::from(i);
+        index.apply(&a, SRC, &removed(&[h]));
+        if i % 50 == 0 || i >= 298 {
+            index.check_invariants();
+        }
+    }
+    let s = index.stats();
+    assert_eq!((s.blocks, s.worker_blocks), (0, 0));
+    // Nothing but the worker and the context is left in the accounting.
+    index.remove_worker(&a);
+    assert_eq!(index.stats().bytes, 0);
 }
