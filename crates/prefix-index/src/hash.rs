@@ -21,8 +21,9 @@ pub fn context_root(seed: u64, model: &str, lora: Option<&str>) -> u64 {
 }
 
 /// Computes the router's chain: `l_i = xxh3_64(seed, tokens of block i as u32 LE)`, then
-/// `h_i = xxh3_64(seed, h_{i-1} ‖ l_i)`. The token hashes do not depend on each other, so a
-/// walk over many blocks overlaps them; only the cheap 16-byte step is serial.
+/// `h_i = fold(mul128(h_{i-1} ^ k1, l_i ^ k2))` with seed-derived keys ([`ChainHasher::link`]).
+/// The token hashes do not depend on each other, so a walk over many blocks overlaps them;
+/// only the link, one multiply, is serial.
 #[derive(Debug, Default)]
 pub struct ChainHasher {
     buf: Vec<u8>,
@@ -43,13 +44,15 @@ impl ChainHasher {
         xxh3_64_with_seed(&self.buf, seed)
     }
 
-    /// One link of the chain: `h_i` from `h_{i-1}` and `l_i`.
+    /// One link of the chain: `h_i` from `h_{i-1}` and `l_i`: one folded 64×64→128-bit
+    /// multiply of the two, each keyed by the seed (wyhash's `mum`). It is the only serial
+    /// step of a chain, so its latency (a multiply and an xor) bounds how fast a long
+    /// prompt hashes; the token hash before it does the mixing of the tokens.
     #[inline(always)]
     pub fn link(seed: u64, prev: u64, local: u64) -> u64 {
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&prev.to_le_bytes());
-        b[8..].copy_from_slice(&local.to_le_bytes());
-        xxh3_64_with_seed(&b, seed)
+        let (k1, k2) = link_keys(seed);
+        let m = u128::from(prev ^ k1) * u128::from(local ^ k2);
+        (m as u64) ^ ((m >> 64) as u64)
     }
 
     /// `h_i` from `h_{i-1}` and block i's tokens.
@@ -74,6 +77,16 @@ impl ChainHasher {
             out.push(prev);
         }
     }
+}
+
+/// The link's two keys for a seed: odd, with both halves dense in set bits whatever the
+/// seed (xxh3's first secret words, offset by the seed as xxh3 offsets its secret).
+#[inline(always)]
+fn link_keys(seed: u64) -> (u64, u64) {
+    (
+        0xbe4b_a423_396c_feb8_u64.wrapping_add(seed) | 1,
+        0x1cad_21f7_2c81_017c_u64.wrapping_sub(seed) | 1,
+    )
 }
 
 /// Mixes a u64 key (an engine hash, possibly a small test integer) into a well-spread hash:
@@ -110,9 +123,9 @@ mod tests {
         let bytes: Vec<u8> = long.iter().flat_map(|t| t.to_le_bytes()).collect();
         let by_def = |n: usize| {
             let local = xxh3_64_with_seed(&bytes[..4 * n], DEFAULT_SEED);
-            let mut link = root.to_le_bytes().to_vec();
-            link.extend_from_slice(&local.to_le_bytes());
-            xxh3_64_with_seed(&link, DEFAULT_SEED)
+            let (k1, k2) = link_keys(DEFAULT_SEED);
+            let m = u128::from(root ^ k1) * u128::from(local ^ k2);
+            (m as u64) ^ ((m >> 64) as u64)
         };
         assert_eq!(h.next(DEFAULT_SEED, root, &long), by_def(65));
         assert_eq!(h.next(DEFAULT_SEED, root, &long[..64]), by_def(64));
