@@ -346,35 +346,31 @@ fn main() {
     // `FLEET_PROFILE=apply` applies the prefill into 10 fresh indexes first (and frees them),
     // `FLEET_PROFILE=lookup` runs 30 passes of lookups instead of 3: a phase to `perf record`.
     let profile = std::env::var("FLEET_PROFILE").unwrap_or_default();
+    // A fresh unbounded index with the prefill applied, and the seconds that took.
+    let prefilled = || {
+        let index = Index::new(
+            IndexConfig::default()
+                .max_bytes(usize::MAX)
+                .max_blocks_per_context(usize::MAX),
+        );
+        let t = Instant::now();
+        for (w, e) in &wl.prefill {
+            index.apply(&workers[*w], src, e);
+        }
+        (index, t.elapsed().as_secs_f64())
+    };
     if profile == "apply" {
         for _ in 0..10 {
-            let index = Index::new(
-                IndexConfig::default()
-                    .max_bytes(usize::MAX)
-                    .max_blocks_per_context(usize::MAX),
-            );
-            let t = Instant::now();
-            for (w, e) in &wl.prefill {
-                index.apply(&workers[*w], src, e);
-            }
+            let (_, s) = prefilled();
             println!(
                 "profile: prefill {:.2} M blocks/s",
-                prefill_blocks as f64 / t.elapsed().as_secs_f64() / 1e6
+                prefill_blocks as f64 / s / 1e6
             );
         }
     }
     let passes = if profile == "lookup" { 30 } else { 3 };
     let base = LIVE.load(Relaxed);
-    let index = Index::new(
-        IndexConfig::default()
-            .max_bytes(usize::MAX)
-            .max_blocks_per_context(usize::MAX),
-    );
-    let t = Instant::now();
-    for (w, e) in &wl.prefill {
-        index.apply(&workers[*w], src, e);
-    }
-    let prefill_s = t.elapsed().as_secs_f64();
+    let (index, prefill_s) = prefilled();
     let t = Instant::now();
     for (w, e) in &wl.decode {
         index.apply(&workers[*w], src, e);
