@@ -807,6 +807,7 @@ impl State {
                 }
                 n += 1;
             }
+            // A tombstone (no holder) costs a block and is not among `blocks`.
             self.bytes -= BLOCK_COST + n.saturating_sub(1) * HOLDER_COST;
             if n > 0 {
                 self.blocks -= 1;
