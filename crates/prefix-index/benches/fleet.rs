@@ -344,7 +344,8 @@ fn main() {
     };
 
     // `FLEET_PROFILE=apply` applies the prefill into 10 fresh indexes first (and frees them),
-    // `FLEET_PROFILE=lookup` runs 30 passes of lookups instead of 3: a phase to `perf record`.
+    // `FLEET_PROFILE=lookup` runs 30 passes of lookups instead of 3: a phase to `perf record`;
+    // `FLEET_PROFILE=parts` times a lookup's hashing and walk apart, cold and hot.
     let profile = std::env::var("FLEET_PROFILE").unwrap_or_default();
     // A fresh unbounded index with the prefill applied, and the seconds that took.
     let prefilled = || {
@@ -394,6 +395,36 @@ fn main() {
         stats.bytes as f64 / 1e6
     );
 
+    if profile == "parts" {
+        // Where a lookup's time goes: the chain (hashing the tokens) and the walk, each timed
+        // first with the query as the bench leaves it (cold) and then again at once (hot).
+        let ms = |v: &mut Vec<f64>| percentile(v, 0.5);
+        for s in &sets {
+            let mut t = [(); 5].map(|_| Vec::with_capacity(s.queries.len()));
+            for q in &s.queries {
+                for k in 0..2 {
+                    let c = Instant::now();
+                    let chain = index.chain(MODEL, None, BS as u32, q);
+                    t[2 * k].push(c.elapsed().as_secs_f64() * 1e6);
+                    let c = Instant::now();
+                    std::hint::black_box(index.lookup_chain(MODEL, None, &chain));
+                    t[2 * k + 1].push(c.elapsed().as_secs_f64() * 1e6);
+                }
+                let c = Instant::now();
+                std::hint::black_box(index.lookup(MODEL, None, q));
+                t[4].push(c.elapsed().as_secs_f64() * 1e6);
+            }
+            println!(
+                "parts {:<13} p50 µs: chain cold {:.2} walk cold {:.2} | chain hot {:.2} walk hot {:.2} lookup hot {:.2}",
+                s.name,
+                ms(&mut t[0]),
+                ms(&mut t[1]),
+                ms(&mut t[2]),
+                ms(&mut t[3]),
+                ms(&mut t[4])
+            );
+        }
+    }
     let mut results = std::collections::BTreeMap::new();
     for s in &sets {
         // Three passes over the set (the machine is noisy); percentiles over all of them.

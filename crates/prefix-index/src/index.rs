@@ -40,6 +40,17 @@ struct Worker {
     engine: Vec<(u32, SlotTable)>,
 }
 
+/// A context's key borrowed from a request: finds a context without allocating its key.
+/// Hashes as the owned key does (a tuple hashes its fields in order; `String` as `str`).
+#[derive(Hash)]
+struct ContextRef<'a>(&'a str, Option<&'a str>);
+
+impl hashbrown::Equivalent<(String, Option<String>)> for ContextRef<'_> {
+    fn equivalent(&self, key: &(String, Option<String>)) -> bool {
+        self.0 == key.0 && self.1 == key.1.as_deref()
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     contexts: Vec<Option<Context>>,
@@ -355,8 +366,9 @@ impl State {
         // on. A count is written only when it stops growing (the block index where the worker
         // or one of its tiers dropped out), so a block whose holders are those of the block
         // before costs nothing per candidate.
+        // `cands[..live]` still match; those after dropped out.
         let mut cands: Vec<Cand> = Vec::new();
-        let mut done: Vec<Cand> = Vec::new();
+        let mut live = 0usize;
         let mut slot = NIL;
         let mut last: Option<&crate::context::Block> = None;
         let mut i = 0u32;
@@ -370,7 +382,8 @@ impl State {
             match last {
                 None => {
                     cands.extend(ctx.holders(next).map(|h| Cand::new(h.worker, h.tiers)));
-                    if cands.is_empty() {
+                    live = cands.len();
+                    if live == 0 {
                         // A tombstone: nobody holds the first block.
                         break;
                     }
@@ -378,20 +391,20 @@ impl State {
                 Some(l) if ctx.same_holders(l, b) => {}
                 Some(_) => {
                     let mut j = 0;
-                    while j < cands.len() {
+                    while j < live {
                         match ctx.tiers_of(next, cands[j].worker) {
                             Some(t) => {
                                 cands[j].narrow(t, i);
                                 j += 1;
                             }
                             None => {
-                                let mut c = cands.swap_remove(j);
-                                c.end(i);
-                                done.push(c);
+                                cands[j].end(i);
+                                live -= 1;
+                                cands.swap(j, live);
                             }
                         }
                     }
-                    if cands.is_empty() {
+                    if live == 0 {
                         break;
                     }
                 }
@@ -400,12 +413,14 @@ impl State {
             slot = next;
             last = Some(b);
         }
-        for mut c in cands {
+        for c in &mut cands[..live] {
             c.end(i);
-            done.push(c);
         }
-        let mut matches: Vec<Match> = done
-            .into_iter()
+        // Most blocks first; equals by worker index (comparing names cost more than the rest
+        // of a shared prompt's walk: ~80 ns for eight holders).
+        cands.sort_unstable_by(|a, b| b.blocks.cmp(&a.blocks).then(a.worker.cmp(&b.worker)));
+        let matches: Vec<Match> = cands
+            .iter()
             .filter_map(|c| {
                 self.workers[c.worker as usize].as_ref().map(|wk| Match {
                     worker: wk.id.clone(),
@@ -414,11 +429,6 @@ impl State {
                 })
             })
             .collect();
-        matches.sort_by(|a, b| {
-            b.blocks
-                .cmp(&a.blocks)
-                .then_with(|| a.worker.cmp(&b.worker))
-        });
         Lookup {
             block_size: Some(bs),
             num_blocks,
@@ -429,9 +439,8 @@ impl State {
 
 impl State {
     fn context_ref(&self, model: &str, lora: Option<&str>) -> Option<&Context> {
-        let key = (model.to_owned(), lora.map(str::to_owned));
         self.context_ids
-            .get(&key)
+            .get(&ContextRef(model, lora))
             .and_then(|&c| self.contexts[c as usize].as_ref())
     }
 
@@ -460,10 +469,10 @@ impl State {
         lora: Option<&str>,
         tick: u64,
     ) -> Option<u32> {
-        let key = (model.to_owned(), lora.map(str::to_owned));
-        if let Some(&c) = self.context_ids.get(&key) {
+        if let Some(&c) = self.context_ids.get(&ContextRef(model, lora)) {
             return Some(c);
         }
+        let key = (model.to_owned(), lora.map(str::to_owned));
         if self.context_ids.len() >= cfg.max_contexts {
             // Make room by dropping the least recently used context.
             let (_, victim) = self

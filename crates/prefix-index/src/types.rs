@@ -149,6 +149,7 @@ pub struct Lookup {
     pub block_size: Option<u32>,
     /// Full blocks in the query.
     pub num_blocks: u32,
-    /// Workers with at least one leading block, most blocks first.
+    /// Workers with at least one leading block, most blocks first (equal counts in no
+    /// particular order).
     pub matches: Vec<Match>,
 }

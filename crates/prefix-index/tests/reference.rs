@@ -287,11 +287,17 @@ fn check_lookups(index: &Index, r: &Reference, extra: &[u32]) {
                 .filter(|x| x.1 > 0)
                 .collect();
             want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            let got_v: Vec<(WorkerId, u32, [u32; Tier::COUNT])> = got
+            let mut got_v: Vec<(WorkerId, u32, [u32; Tier::COUNT])> = got
                 .matches
                 .iter()
                 .map(|m| (m.worker.clone(), m.blocks, m.per_tier))
                 .collect();
+            assert!(
+                got_v.windows(2).all(|p| p[0].1 >= p[1].1),
+                "most blocks first: {got_v:?}"
+            );
+            // Equal counts come in no particular order.
+            got_v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             assert_eq!(got_v, want, "context {c} query {q:?}");
             if !want.is_empty() {
                 assert_eq!(got.block_size, Some(BS as u32));
