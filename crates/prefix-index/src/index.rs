@@ -157,11 +157,7 @@ impl Index {
         let seed = self.cfg.seed;
         self.walk_context(model, lora, |st, ctx, tick, bs| {
             let mut hasher = ChainHasher::default();
-            let mut prev = ctx.root;
-            let chain = tokens.chunks_exact(bs as usize).map(|block| {
-                prev = hasher.next(seed, prev, block);
-                prev
-            });
+            let chain = hasher.chain_iter(seed, ctx.root, bs as usize, tokens);
             let num_blocks = (tokens.len() / bs as usize) as u32;
             st.walk(ctx, tick, bs, num_blocks, chain)
         })
