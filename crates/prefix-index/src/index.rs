@@ -582,11 +582,10 @@ impl State {
         chain.clear();
         {
             let wk = self.workers[w as usize].as_ref().expect("live");
-            let mut key = prev_key;
-            for tokens in s.token_ids.chunks_exact(bs as usize) {
-                key = self.hasher.next(cfg.seed, key, tokens);
-                chain.push(key);
-            }
+            chain.extend(
+                self.hasher
+                    .chain_iter(cfg.seed, prev_key, bs as usize, &s.token_ids),
+            );
             // Tight loops of independent loads: many cache misses in flight at once.
             let mut hits = 0usize;
             if let Some(t) = wk.table(c) {
