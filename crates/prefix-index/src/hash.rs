@@ -119,7 +119,7 @@ const LINE_TOKENS: usize = 16;
 /// it changes no value the program computes.
 #[inline(always)]
 #[allow(unsafe_code)]
-fn prefetch<T>(x: &T) {
+pub(crate) fn prefetch<T>(x: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `_mm_prefetch` is `unsafe` only because it is an SSE intrinsic, and SSE is part
     // of the x86_64 baseline every x86_64 CPU (and the compiler's default target) has. A

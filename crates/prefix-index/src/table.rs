@@ -71,11 +71,12 @@ impl SlotTable {
         }
     }
 
-    /// Touches the cache line where `fp` would be found or inserted; returns whether the
-    /// first entry there is taken (a value to feed to `black_box`, so the load stays).
+    /// Asks for the cache line where `fp` would be found or inserted.
     #[inline]
-    pub fn warm(&self, fp: u32) -> bool {
-        !self.entries.is_empty() && self.entries[self.home(fp)] != 0
+    pub fn prefetch(&self, fp: u32) {
+        if !self.entries.is_empty() {
+            crate::hash::prefetch(&self.entries[self.home(fp)]);
+        }
     }
 
     /// Inserts (fp, slot); the pair must not be present.
