@@ -6,7 +6,7 @@
 
 use crate::context::{Context, Holder, NIL};
 use crate::hash::{context_root, ChainHasher};
-use crate::table::SlotTable;
+use crate::table::{SlotTable, Vacancy};
 use crate::tier::{Tier, TierMask};
 use crate::types::{Applied, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId};
 use hashbrown::HashMap;
@@ -326,6 +326,28 @@ fn engine_find(contexts: &[Option<Context>], wk: &Worker, w: u32, ekey: u64) -> 
     })
 }
 
+/// [`engine_find`], or where to file the key in context `c`'s table (when it has one).
+fn engine_probe(
+    contexts: &[Option<Context>],
+    wk: &Worker,
+    w: u32,
+    ekey: u64,
+    c: u32,
+) -> Result<u64, Option<Vacancy>> {
+    let mut vacancy = None;
+    for (x, t) in &wk.engine {
+        let Some(ctx) = contexts[*x as usize].as_ref() else {
+            continue;
+        };
+        match t.probe(ekey as u32, |s| ctx.held_as(s, w, ekey)) {
+            Ok(s) => return Ok(pack(*x, s)),
+            Err(v) if *x == c => vacancy = v,
+            Err(_) => {}
+        }
+    }
+    Err(vacancy)
+}
+
 /// Removes `worker`'s entry (context, slot) filed under `ekey`.
 fn engine_remove(wk: &mut Worker, ekey: u64, packed: u64) -> bool {
     let (c, s) = unpack(packed);
@@ -335,8 +357,9 @@ fn engine_remove(wk: &mut Worker, ekey: u64, packed: u64) -> bool {
         .is_some_and(|(_, t)| t.remove(ekey as u32, s))
 }
 
-/// Files `worker`'s holding of (context, slot) under `ekey`.
-fn engine_insert(wk: &mut Worker, ekey: u64, c: u32, slot: u32) {
+/// Files `worker`'s holding of (context, slot) under `ekey`, at `vacancy` from
+/// [`engine_probe`] if the table has not changed since.
+fn engine_insert(wk: &mut Worker, ekey: u64, c: u32, slot: u32, vacancy: Option<Vacancy>) {
     let i = match wk.engine.iter().position(|(x, _)| *x == c) {
         Some(i) => i,
         None => {
@@ -344,7 +367,7 @@ fn engine_insert(wk: &mut Worker, ekey: u64, c: u32, slot: u32) {
             wk.engine.len() - 1
         }
     };
-    wk.engine[i].1.insert(ekey as u32, slot);
+    wk.engine[i].1.insert_at(vacancy, ekey as u32, slot);
 }
 
 impl State {
@@ -603,21 +626,25 @@ impl State {
             let wk = self.workers[w as usize]
                 .as_ref()
                 .expect("worker id is live");
-            if let Some(v) = engine_find(&self.contexts, wk, w, ekey) {
-                let (hc, hs) = unpack(v);
-                if hc == c {
-                    // Already held: keep its router hash whatever parent the event claims.
-                    let ctx = self.contexts[c as usize].as_mut().expect("live");
-                    ctx.with_holder(hs, w, |t, _| *t = t.with(tier));
-                    ctx.slots[hs as usize].touch();
-                    out.refreshed += 1;
-                    prev_slot = hs;
-                    prev_key = ctx.slots[hs as usize].key();
-                    chain_intact &= prev_key == chain[i];
-                    continue;
+            let mut vacancy = None;
+            match engine_probe(&self.contexts, wk, w, ekey, c) {
+                Err(v) => vacancy = v,
+                Ok(v) => {
+                    let (hc, hs) = unpack(v);
+                    if hc == c {
+                        // Already held: keep its router hash whatever parent the event claims.
+                        let ctx = self.contexts[c as usize].as_mut().expect("live");
+                        ctx.with_holder(hs, w, |t, _| *t = t.with(tier));
+                        ctx.slots[hs as usize].touch();
+                        out.refreshed += 1;
+                        prev_slot = hs;
+                        prev_key = ctx.slots[hs as usize].key();
+                        chain_intact &= prev_key == chain[i];
+                        continue;
+                    }
+                    // The same engine hash in another context: release it there first.
+                    self.release(w, ekey, hc, hs);
                 }
-                // The same engine hash in another context: release it there first.
-                self.release(w, ekey, hc, hs);
             }
             let router = if chain_intact {
                 chain[i]
@@ -663,7 +690,7 @@ impl State {
                 }
             };
             let wk = self.workers[w as usize].as_mut().expect("live");
-            engine_insert(wk, ekey, c, slot);
+            engine_insert(wk, ekey, c, slot, vacancy);
             self.worker_blocks += 1;
             self.bytes += ENGINE_COST;
             out.stored += 1;
