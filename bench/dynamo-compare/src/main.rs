@@ -42,17 +42,32 @@ static ALLOC: Counting = Counting;
 const BS: u32 = 16;
 
 enum Raw {
-    Stored { w: u64, parent: Option<u64>, hashes: Vec<u64>, tokens: Vec<u32> },
-    Removed { w: u64, hashes: Vec<u64> },
+    Stored {
+        w: u64,
+        parent: Option<u64>,
+        hashes: Vec<u64>,
+        tokens: Vec<u32>,
+    },
+    Removed {
+        w: u64,
+        hashes: Vec<u64>,
+    },
 }
 
 fn u64s(v: &Value) -> Vec<u64> {
-    v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
 }
 
 fn to_event(id: u64, r: &Raw) -> RouterEvent {
     match r {
-        Raw::Stored { w, parent, hashes, tokens } => {
+        Raw::Stored {
+            w,
+            parent,
+            hashes,
+            tokens,
+        } => {
             let local = compute_block_hash_for_seq(tokens, BS, BlockHashOptions::default());
             let blocks = hashes
                 .iter()
@@ -81,7 +96,10 @@ fn to_event(id: u64, r: &Raw) -> RouterEvent {
             KvCacheEvent {
                 event_id: id,
                 data: KvCacheEventData::Removed(KvCacheRemoveData {
-                    block_hashes: hashes.iter().map(|h| ExternalSequenceBlockHash(*h)).collect(),
+                    block_hashes: hashes
+                        .iter()
+                        .map(|h| ExternalSequenceBlockHash(*h))
+                        .collect(),
                 }),
                 dp_rank: 0,
             },
@@ -107,9 +125,15 @@ fn main() {
                 w,
                 parent: v["parent_block_hash"].as_u64(),
                 hashes: u64s(&v["block_hashes"]),
-                tokens: u64s(&v["token_ids"]).into_iter().map(|t| t as u32).collect(),
+                tokens: u64s(&v["token_ids"])
+                    .into_iter()
+                    .map(|t| t as u32)
+                    .collect(),
             },
-            Some("BlockRemoved") => Raw::Removed { w, hashes: u64s(&v["block_hashes"]) },
+            Some("BlockRemoved") => Raw::Removed {
+                w,
+                hashes: u64s(&v["block_hashes"]),
+            },
             _ => continue,
         };
         if phases.last().map(|p| &p.0) != Some(&phase) {
@@ -122,13 +146,34 @@ fn main() {
     for line in std::io::BufReader::new(f).lines() {
         let v: Value = serde_json::from_str(&line.expect("line")).expect("json");
         let set = v["set"].as_str().unwrap_or("").to_owned();
-        let t: Vec<u32> = u64s(&v["token_ids"]).into_iter().map(|t| t as u32).collect();
+        let t: Vec<u32> = u64s(&v["token_ids"])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
         if sets.last().map(|s| &s.0) != Some(&set) {
             sets.push((set, Vec::new()));
         }
         sets.last_mut().expect("set").1.push(t);
     }
 
+    // The prefill runs FLEET_PREFILLS times (default 5) into a fresh tree (the earlier ones
+    // dropped) and the median is reported, as the fleet bench does.
+    let prefills: usize = std::env::var("FLEET_PREFILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let mut earlier = Vec::new();
+    if let Some((_, events)) = phases.first().filter(|p| p.0 == "prefill") {
+        for _ in 1..prefills {
+            let mut tree = RadixTree::new();
+            let t = Instant::now();
+            for (id, r) in events.iter().enumerate() {
+                let _ = tree.apply_event(to_event(id as u64 + 1, r));
+            }
+            earlier.push(t.elapsed().as_secs_f64());
+        }
+    }
     let base = LIVE.load(Relaxed);
     let mut tree = RadixTree::new();
     let mut id = 0u64;
@@ -175,12 +220,26 @@ fn main() {
             id += 1;
             let _ = tree.apply_event(to_event(id, r));
         }
-        let s = t.elapsed().as_secs_f64();
+        let mut s = t.elapsed().as_secs_f64();
+        let mut runs = String::new();
+        if phase == "prefill" && !earlier.is_empty() {
+            let mut all = std::mem::take(&mut earlier);
+            all.push(s);
+            runs = format!(
+                " (median of {} fresh runs: {})",
+                all.len(),
+                all.iter()
+                    .map(|x| format!("{:.2}", blocks as f64 / x / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            s = pct(&mut all, 0.5);
+        }
         if phase != "remove" {
             held_blocks += blocks;
         }
         println!(
-            "dynamo {phase}: {} events, {blocks} blocks in {s:.2}s = {:.2} M blocks/s, {:.0} k events/s",
+            "dynamo {phase}: {} events, {blocks} blocks in {s:.2}s = {:.2} M blocks/s, {:.0} k events/s{runs}",
             events.len(),
             blocks as f64 / s / 1e6,
             events.len() as f64 / s / 1e3
