@@ -319,11 +319,7 @@ impl Worker {
 
 /// Finds `worker`'s entry for engine hash `ekey`: the packed (context, slot).
 fn engine_find(contexts: &[Option<Context>], wk: &Worker, w: u32, ekey: u64) -> Option<u64> {
-    wk.engine.iter().find_map(|(c, t)| {
-        let ctx = contexts[*c as usize].as_ref()?;
-        t.find(ekey as u32, |s| ctx.held_as(s, w, ekey))
-            .map(|s| pack(*c, s))
-    })
+    engine_probe(contexts, wk, w, ekey, NIL).ok()
 }
 
 /// [`engine_find`], or where to file the key in context `c`'s table (when it has one).
