@@ -158,6 +158,14 @@ pub(crate) struct Holders {
     sig: u64,
 }
 
+/// The further holders of a block that has none.
+static NO_HOLDERS: Holders = Holders {
+    workers: Vec::new(),
+    tiers: Vec::new(),
+    engines: Vec::new(),
+    sig: 0,
+};
+
 #[inline]
 fn holder_sig(worker: u32, tiers: TierMask) -> u64 {
     crate::hash::mix((u64::from(worker) << 8) | u64::from(tiers.bits()))
@@ -212,18 +220,6 @@ impl Holders {
 
     fn is_empty(&self) -> bool {
         self.workers.is_empty()
-    }
-
-    fn get(&self, k: usize) -> Holder {
-        Holder {
-            worker: self.workers[k],
-            tiers: self.tiers[k],
-            engine: self.engines[k],
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.workers.len()
     }
 }
 
@@ -497,11 +493,21 @@ impl Context {
             tiers: b.tiers(),
             engine: b.engine(),
         });
-        let rest = (b.more != NIL).then(|| &self.more[b.more as usize]);
-        let n = rest.map_or(0, Holders::len);
+        let rest = if b.more == NIL {
+            &NO_HOLDERS
+        } else {
+            &self.more[b.more as usize]
+        };
+        // Exact-size parts, so a caller collecting them allocates once.
         first
             .into_iter()
-            .chain((0..n).filter_map(move |k| rest.map(|r| r.get(k))))
+            .chain(rest.workers.iter().zip(&rest.tiers).zip(&rest.engines).map(
+                |((&worker, &tiers), &engine)| Holder {
+                    worker,
+                    tiers,
+                    engine,
+                },
+            ))
     }
 
     /// Whether two blocks have the same holders on the same tiers, in the same order (the
