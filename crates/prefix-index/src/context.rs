@@ -19,6 +19,13 @@ use crate::table::SlotTable;
 use crate::tier::TierMask;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
+/// Blocks after a run's first one a walk asks for when it enters the run (every second
+/// one: ~10 lines of 28-byte blocks), before the hardware prefetcher has seen the stream.
+/// Fleet bench: the walk of a 2k full hit with its blocks cold 1.44 -> 1.30 µs (three
+/// alternating runs); lookup p50 8k full 6.47 -> 5.86 µs, 2k full 1.95 -> 1.93 (medians of
+/// five alternating runs).
+const RUN_PREFETCH: usize = 24;
+
 /// Blocks per slab chunk: a context grows by 128 KiB at a time, never by doubling.
 const CHUNK_BITS: u32 = 12;
 const CHUNK: usize = 1 << CHUNK_BITS;
@@ -441,6 +448,17 @@ impl Context {
         }
         let slot = self.find_indexed(key)?;
         Some((slot, &self.slots[slot as usize]))
+    }
+
+    /// Asks for the cache lines of the blocks after `slot` (a run the walk just entered).
+    #[inline]
+    pub fn prefetch_run(&self, slot: u32) {
+        for k in (2..=RUN_PREFETCH).step_by(2) {
+            match self.slots.get(slot as usize + k) {
+                Some(b) => crate::hash::prefetch(b),
+                None => return,
+            }
+        }
     }
 
     /// Whether the block at `slot` must be indexed: the slot before it does not hold its

@@ -393,6 +393,10 @@ impl State {
             let Some((next, b)) = ctx.locate_block(slot, key) else {
                 break;
             };
+            if next != slot.wrapping_add(1) {
+                // Entered a run through the index: its next blocks follow in the slab.
+                ctx.prefetch_run(next);
+            }
             b.touch();
             match last {
                 None => {
