@@ -19,6 +19,9 @@
 //!   then learn the new engine from 0.
 //! - A replay that starts later than asked (the buffer no longer reaches back), a timeout, or no
 //!   replay socket: `Gap { repaired: false }` for exactly the seqs that were lost.
+//! - A first replay from 0 that finds nothing (and no live batch meanwhile): the engine has
+//!   published nothing, so 0 is next; a batch it publishes before our subscription reaches its
+//!   PUB is then a gap the replay repairs.
 //! - A reconnect may be to a restarted engine whose new seqs already passed ours (a young
 //!   engine restarts quickly): seq continuity proves nothing. So a reconnect asks the replay
 //!   from the last seq delivered and checks that batch is the one delivered (its length and
@@ -184,8 +187,9 @@ impl Sequencer {
         may_replay: bool,
     ) -> Option<Action> {
         let Some(next) = self.next else {
-            // The very first batch, without a replay socket (or after a replay that found
-            // nothing): seqs before it were published before we listened.
+            // The very first batch without a replay socket (or after a replay that found
+            // nothing but a later live batch): seqs before it were published before we
+            // listened.
             if seq > 0 {
                 out.push(Delivery::Gap {
                     from: 0,
@@ -361,6 +365,13 @@ impl Sequencer {
             }
         }
         self.dups = self.next.map(|n| (from, n));
+        if self.next.is_none() && from == 0 && self.held.is_empty() {
+            // A replay from 0 that found nothing and nothing live meanwhile: the engine has
+            // published nothing yet, so its first batch is 0. A later first seq is then a gap
+            // to replay (a batch published before our subscription reached the PUB), not
+            // "published before we listened".
+            self.next = Some(0);
+        }
         // Merge what arrived live meanwhile: duplicates of replayed batches are dropped, holes
         // the replay did not fill are unrepaired gaps.
         while let Some((seq, payload)) = self.held.pop_front() {
@@ -518,6 +529,27 @@ mod tests {
         assert_eq!(view(&out), ["0", "1", "2", "3", "4", "5", "6"], "5 once");
         s.on_live(7, &payload(7), &mut out);
         assert_eq!(view(&out).last().map(String::as_str), Some("7"));
+    }
+
+    /// A replay from 0 that finds nothing means the engine has published nothing yet: its
+    /// first live batch should be 0, and a later one (batch 0 went out before our subscription
+    /// reached the PUB) is a gap to replay, not a loss from before we listened.
+    #[test]
+    fn an_empty_first_replay_expects_seq_zero_and_replays_a_missed_one() {
+        let mut s = Sequencer::new(true, 16);
+        let mut out = Vec::new();
+        assert_eq!(s.on_connected(), Some(Action::RequestReplay(0)));
+        assert_eq!(s.on_replay_end(&mut out), None);
+        assert!(out.is_empty());
+        assert_eq!(
+            s.on_live(1, &payload(1), &mut out),
+            Some(Action::RequestReplay(0))
+        );
+        s.on_replay(0, &payload(0), &mut out);
+        s.on_replay(1, &payload(1), &mut out);
+        s.on_replay_end(&mut out);
+        s.on_live(2, &payload(2), &mut out);
+        assert_eq!(view(&out), ["0", "1", "gap 0-0 repaired", "2"]);
     }
 
     #[test]

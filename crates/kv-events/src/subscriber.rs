@@ -2,7 +2,7 @@
 //! driven by one poller thread over libzmq, each feeding its own bounded channel.
 //!
 //! ```text
-//!  Hub::subscribe(cfg, sink) ──command──▶ poller thread ── zmq::poll(all sockets) ──┐
+//!  Hub::subscribe(cfg, sink) ──command──▶ poller thread ── epoll(ready sockets) ──┐
 //!                                           │  SUB [topic, seq, payload] ─▶ Sequencer ─▶ sink (bounded)
 //!                                           │  DEALER replies ────────────▶ Sequencer
 //!                                           └─ monitor: connected / disconnected
@@ -15,7 +15,13 @@
 //! optional idle timeout recreates the sockets after our own backoff (start, cap, factor).
 //! When a sink is full the poller stops reading that SUB (libzmq then drops at its high-water
 //! mark, which the sequencer reports as a gap and repairs through replay); it never blocks
-//! and never busy-polls: it sleeps in `zmq::poll` until a socket, a command or a deadline.
+//! and never busy-polls: it sleeps in epoll until a socket, a command or a deadline.
+//!
+//! Each socket's `ZMQ_FD` is registered once with epoll (mio), so a wake-up costs what the
+//! ready sockets cost, not all of them (`zmq::poll` asked every socket of every subscriber for
+//! its state on every wake-up: at 64 publishers, most of the hub's CPU). `ZMQ_FD` only says
+//! "look again": a socket flagged by it, or by our own send on it, is read until libzmq has
+//! nothing more (or a burst ends, and it is read again before the next sleep).
 
 use crate::frames::{parse_live, parse_replay, replay_request, FrameError, ReplayMessage};
 use crate::sequencer::{Action, Delivery, Sequencer};
@@ -217,6 +223,8 @@ pub enum HubError {
     Zmq(#[from] zmq::Error),
     #[error("spawning the poller thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("epoll: {0}")]
+    Poll(std::io::Error),
 }
 
 impl Hub {
@@ -226,8 +234,8 @@ impl Hub {
     }
 
     /// Starts the poller thread; `poll_timeout` (`AIBRIX_KV_EVENT_POLL_TIMEOUT_MS`) is the
-    /// longest it sleeps in `zmq::poll` before checking its deadlines (sockets and commands
-    /// wake it at once).
+    /// longest it sleeps in epoll before checking its deadlines (sockets and commands wake it
+    /// at once).
     pub fn with_poll_timeout(poll_timeout: Duration) -> Result<Hub, HubError> {
         let ctx = zmq::Context::new();
         let wake_rx = ctx.socket(zmq::PAIR)?;
@@ -237,7 +245,17 @@ impl Hub {
         wake.connect(&endpoint)?;
         let (tx, rx) = mpsc::channel();
         let live = Arc::new(AtomicUsize::new(0));
+        let poll = mio::Poll::new().map_err(HubError::Poll)?;
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&wake_rx.get_fd()?),
+                WAKE,
+                mio::Interest::READABLE,
+            )
+            .map_err(HubError::Poll)?;
         let poller = Poller {
+            poll,
+            events: mio::Events::with_capacity(256),
             max_sleep: poll_timeout.max(Duration::from_millis(1)),
             contexts: vec![(ctx, 0)],
             wake: wake_rx,
@@ -334,9 +352,26 @@ struct Sub {
     reopen_at: Option<Instant>,
     attempt: u32,
     closed: bool,
+    /// Sockets to read before the next sleep (`LIVE`, `REPLAY`, `MONITOR`): flagged by epoll
+    /// or by our own use of them, until libzmq has nothing more to give.
+    dirty: u8,
+}
+
+const LIVE: u8 = 1;
+const REPLAY: u8 = 2;
+const MONITOR: u8 = 4;
+/// The wake socket's epoll token; a subscriber's sockets use `id << 2 | kind`.
+const WAKE: mio::Token = mio::Token(usize::MAX);
+
+fn token(id: u64, kind: u8) -> mio::Token {
+    // Ids count up from 1: far below 2^62.
+    mio::Token(((id as usize) << 2) | usize::from(kind.trailing_zeros() as u8))
 }
 
 struct Poller {
+    /// epoll over every socket's `ZMQ_FD` and the wake socket's.
+    poll: mio::Poll,
+    events: mio::Events,
     max_sleep: Duration,
     /// libzmq contexts and how many subscribers each hosts (the first also hosts `wake`).
     contexts: Vec<(zmq::Context, usize)>,
@@ -355,7 +390,7 @@ const SUBS_PER_CONTEXT: usize = 250;
 const READ_BURST: usize = 256;
 /// How often a full sink is retried (the consumer cannot wake the poller).
 const SINK_RETRY: Duration = Duration::from_millis(20);
-/// The default longest sleep in `zmq::poll` (deadlines are checked at least this often).
+/// The default longest sleep in epoll (deadlines are checked at least this often).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 impl Poller {
@@ -374,45 +409,36 @@ impl Poller {
             }
             self.subs.retain(|s| !s.closed);
             self.live.store(self.subs.len(), Relaxed);
-            let timeout = self.next_timeout(Instant::now());
-            // Poll items: wake, then per subscriber SUB (unless its sink is full), DEALER, monitor.
-            let mut owners: Vec<(usize, u8)> = Vec::new();
-            let mut items = vec![self.wake.as_poll_item(zmq::POLLIN)];
-            for (i, s) in self.subs.iter().enumerate() {
-                let Some(k) = &s.sockets else { continue };
-                if s.outbox.is_empty() {
-                    items.push(k.sub.as_poll_item(zmq::POLLIN));
-                    owners.push((i, 0));
-                }
-                if let Some(d) = &k.dealer {
-                    items.push(d.as_poll_item(zmq::POLLIN));
-                    owners.push((i, 1));
-                }
-                items.push(k.monitor.as_poll_item(zmq::POLLIN));
-                owners.push((i, 2));
+            // Read what is flagged; a burst cut short is read again before sleeping.
+            let mut more = false;
+            for s in &mut self.subs {
+                more |= s.service();
             }
-            let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
-            if zmq::poll(&mut items, ms).is_err() {
+            let timeout = if more {
+                Duration::ZERO
+            } else {
+                self.next_timeout(Instant::now())
+            };
+            if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::warn!(error = %e, "epoll failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 continue;
             }
-            let ready: Vec<(usize, u8)> = items[1..]
-                .iter()
-                .zip(&owners)
-                .filter(|(it, _)| it.is_readable())
-                .map(|(_, o)| *o)
-                .collect();
-            if items[0].is_readable() {
-                while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
-            }
-            drop(items);
-            for (i, which) in ready {
-                let s = &mut self.subs[i];
-                match which {
-                    0 => s.read_live(),
-                    1 => s.read_replay(),
-                    _ => s.read_monitor(),
+            for ev in self.events.iter() {
+                let t = ev.token();
+                if t == WAKE {
+                    continue;
+                }
+                let (id, kind) = ((t.0 >> 2) as u64, 1u8 << (t.0 & 3));
+                if let Some(s) = self.subs.iter_mut().find(|s| s.id == id) {
+                    s.dirty |= kind;
                 }
             }
+            // Commands come with a message on the wake socket: read them all, which also
+            // re-arms its `ZMQ_FD` (cheap: one socket).
+            while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
         }
         for s in &mut self.subs {
             s.stop();
@@ -447,10 +473,11 @@ impl Poller {
                         reopen_at: None,
                         attempt: 0,
                         closed: false,
+                        dirty: 0,
                     };
                     // Announce the first state (`open` only reports changes).
                     s.push(SubscriberEvent::State(s.state));
-                    s.open(&self.contexts[context].0);
+                    s.open(&self.contexts[context].0, self.poll.registry());
                     self.subs.push(s);
                 }
                 Command::Remove(id) => {
@@ -489,7 +516,7 @@ impl Poller {
             }
             if s.reopen_at.is_some_and(|t| now >= t) {
                 s.reopen_at = None;
-                s.open(&self.contexts[s.context].0);
+                s.open(&self.contexts[s.context].0, self.poll.registry());
             }
         }
     }
@@ -542,11 +569,16 @@ impl Poller {
 }
 
 impl Sub {
-    fn open(&mut self, ctx: &zmq::Context) {
+    fn open(&mut self, ctx: &zmq::Context, registry: &mio::Registry) {
         self.generation += 1;
-        match self.try_open(ctx) {
+        match self
+            .try_open(ctx)
+            .and_then(|k| self.watch(&k, registry).map(|()| k))
+        {
             Ok(k) => {
                 self.sockets = Some(k);
+                // Look at every socket once: anything already there raised no edge for us.
+                self.dirty = LIVE | REPLAY | MONITOR;
                 self.set_state(SubscriberState::Connecting);
             }
             Err(e) => {
@@ -591,6 +623,56 @@ impl Sub {
             dealer,
             monitor,
         })
+    }
+
+    /// Registers the sockets' `ZMQ_FD`s with epoll. (Closing a socket closes its fd, which
+    /// leaves epoll by itself; a late event for it only flags sockets to look at.)
+    fn watch(&self, k: &Sockets, registry: &mio::Registry) -> Result<(), zmq::Error> {
+        let add = |sock: &zmq::Socket, kind: u8| -> Result<(), zmq::Error> {
+            let fd = sock.get_fd()?;
+            registry
+                .register(
+                    &mut mio::unix::SourceFd(&fd),
+                    token(self.id, kind),
+                    mio::Interest::READABLE,
+                )
+                .map_err(|e| {
+                    tracing::warn!(subscriber = %self.cfg.name, error = %e, "epoll register");
+                    zmq::Error::EINVAL
+                })
+        };
+        add(&k.sub, LIVE)?;
+        if let Some(d) = &k.dealer {
+            add(d, REPLAY)?;
+        }
+        add(&k.monitor, MONITOR)
+    }
+
+    /// Reads the flagged sockets until libzmq has nothing more; true when a live burst was
+    /// cut short and the SUB should be read again before sleeping.
+    fn service(&mut self) -> bool {
+        loop {
+            if self.sockets.is_none() {
+                self.dirty = 0;
+                return false;
+            }
+            if self.dirty & MONITOR != 0 {
+                self.dirty &= !MONITOR;
+                self.read_monitor();
+            } else if self.dirty & REPLAY != 0 {
+                self.dirty &= !REPLAY;
+                self.read_replay();
+            } else if self.dirty & LIVE != 0 && self.outbox.is_empty() {
+                if !self.read_live() {
+                    // A burst ended (read again at once) or the sink is full (the retry
+                    // timer brings us back): the SUB stays flagged either way.
+                    return self.outbox.is_empty();
+                }
+                self.dirty &= !LIVE;
+            } else {
+                return false;
+            }
+        }
     }
 
     fn close_sockets(&mut self) {
@@ -682,6 +764,8 @@ impl Sub {
             .as_ref()
             .and_then(|k| k.dealer.as_ref())
             .map(|d| d.send_multipart(replay_request(from), zmq::DONTWAIT));
+        // A send may take the DEALER's pending signal: look at it again.
+        self.dirty |= REPLAY;
         match sent {
             Some(Ok(())) => {
                 self.counters.replays_requested.fetch_add(1, Relaxed);
@@ -700,14 +784,16 @@ impl Sub {
         }
     }
 
-    fn read_live(&mut self) {
+    /// Reads the SUB; true when libzmq has nothing more, false when a burst ended or the sink
+    /// is full (the rest stays in libzmq's queue).
+    fn read_live(&mut self) -> bool {
         for _ in 0..READ_BURST {
             if !self.outbox.is_empty() {
-                return; // the sink is full: leave the rest in libzmq's queue
+                return false;
             }
-            let Some(k) = &self.sockets else { return };
+            let Some(k) = &self.sockets else { return true };
             let Ok(frames) = k.sub.recv_multipart(zmq::DONTWAIT) else {
-                return;
+                return true;
             };
             self.last_message = Instant::now();
             let mut out = Vec::new();
@@ -725,6 +811,7 @@ impl Sub {
             }
             self.flush();
         }
+        false
     }
 
     fn read_replay(&mut self) {
