@@ -107,6 +107,14 @@ fn to_event(id: u64, r: &Raw) -> RouterEvent {
     }
 }
 
+/// Applies `events` to `tree`, numbering them on from `id`.
+fn apply_all(tree: &mut RadixTree, events: &[Raw], id: &mut u64) {
+    for r in events {
+        *id += 1;
+        let _ = tree.apply_event(to_event(*id, r));
+    }
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -168,9 +176,7 @@ fn main() {
         for _ in 1..prefills {
             let mut tree = RadixTree::new();
             let t = Instant::now();
-            for (id, r) in events.iter().enumerate() {
-                let _ = tree.apply_event(to_event(id as u64 + 1, r));
-            }
+            apply_all(&mut tree, events, &mut 0);
             earlier.push(t.elapsed().as_secs_f64());
         }
     }
@@ -216,10 +222,7 @@ fn main() {
             })
             .sum();
         let t = Instant::now();
-        for r in events {
-            id += 1;
-            let _ = tree.apply_event(to_event(id, r));
-        }
+        apply_all(&mut tree, events, &mut id);
         let mut s = t.elapsed().as_secs_f64();
         let mut runs = String::new();
         if phase == "prefill" && !earlier.is_empty() {

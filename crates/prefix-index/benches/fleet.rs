@@ -343,7 +343,7 @@ fn main() {
         default_lora: None,
     };
 
-    // `FLEET_PROFILE=apply` applies the prefill into 10 fresh indexes first (and frees them),
+    // `FLEET_PROFILE=apply` runs the prefill 11 times instead of 5 (see `FLEET_PREFILLS`),
     // `FLEET_PROFILE=lookup` runs 30 passes of lookups instead of 3: a phase to `perf record`;
     // `FLEET_PROFILE=parts` times a lookup's hashing and walk apart, cold and hot.
     let profile = std::env::var("FLEET_PROFILE").unwrap_or_default();
@@ -360,15 +360,6 @@ fn main() {
         }
         (index, t.elapsed().as_secs_f64())
     };
-    if profile == "apply" {
-        for _ in 0..10 {
-            let (_, s) = prefilled();
-            println!(
-                "profile: prefill {:.2} M blocks/s",
-                prefill_blocks as f64 / s / 1e6
-            );
-        }
-    }
     let passes = if profile == "lookup" { 30 } else { 3 };
     // The prefill runs `FLEET_PREFILLS` times (default 5), each into a fresh index (the
     // earlier ones dropped), and reports the median: on this shared VM a single run's rate
@@ -377,7 +368,7 @@ fn main() {
     let prefills: usize = std::env::var("FLEET_PREFILLS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(if profile == "apply" { 11 } else { 5 })
         .max(1);
     let mut runs = Vec::with_capacity(prefills);
     for _ in 1..prefills {
