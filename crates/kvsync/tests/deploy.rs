@@ -222,7 +222,8 @@ fn the_example_vllm_pods_are_eligible_and_publish_where_kvsync_listens() {
 }
 
 /// Code blocks fenced as ```sh no-cluster in the docs run as written (with `kvsync` on PATH,
-/// from the repository root).
+/// from the repository root; in a clone without ../shared beside it, `../shared` stands for
+/// `KVSYNC_SHARED_DIR`, as scripts/test sets it).
 #[test]
 fn docs_commands_that_need_no_cluster_run() {
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_kvsync"))
@@ -234,6 +235,9 @@ fn docs_commands_that_need_no_cluster_run() {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    let shared = std::env::var("KVSYNC_SHARED_DIR")
+        .ok()
+        .filter(|_| !repo().join("../shared").exists());
     let mut ran = 0;
     for doc in [
         "docs/operators-guide.md",
@@ -249,8 +253,12 @@ fn docs_commands_that_need_no_cluster_run() {
                 continue;
             }
             if in_block && !line.trim().is_empty() {
+                let cmd = match &shared {
+                    Some(dir) => line.replace("../shared", dir),
+                    None => line.to_owned(),
+                };
                 let out = Command::new("bash")
-                    .args(["-c", line])
+                    .args(["-c", &cmd])
                     .current_dir(repo())
                     .env("PATH", &path)
                     .output()
