@@ -60,6 +60,15 @@ impl Slab {
         self.len += 1;
     }
 
+    /// The blocks after `slot` in its chunk (the next ones a run may continue into).
+    #[inline]
+    pub fn after(&self, slot: usize) -> &[Block] {
+        self.chunks
+            .get(slot >> CHUNK_BITS)
+            .and_then(|c| c.get((slot & (CHUNK - 1)) + 1..))
+            .unwrap_or(&[])
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Block> {
         self.chunks.iter().flatten()
     }

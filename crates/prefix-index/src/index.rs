@@ -387,9 +387,27 @@ impl State {
         let mut slot = NIL;
         let mut last: Option<&crate::context::Block> = None;
         let mut i = 0u32;
+        // The blocks after `slot` in its slab chunk: where the run `slot` is in goes on.
+        let mut run: &[crate::context::Block] = &[];
         // Runs of one stored event sit in consecutive slots, so most steps read the slot
-        // after the last one (`locate`): a sequential walk the prefetcher follows.
+        // after the last one: a sequential walk the prefetcher follows.
         for key in chain {
+            if let (Some(l), Some((nb, rest))) = (last, run.split_first()) {
+                // The run goes on with the last block's holders (a live block's: a free slot or
+                // a tombstone never has them): a step is a key and a holder comparison, no
+                // slab indexing. `FLEET_PROFILE=parts`, three alternating runs: walk of an 8k
+                // full hit with its blocks hot 3.8-4.3 -> 2.1-2.6 µs, 2k 1.5-1.7 -> 1.2-1.4
+                // (a slow phase of the VM); a cold lookup gains less (its reads bound it):
+                // fleet p50 8k full -4 to -16 %, 2k full within the noise.
+                if nb.key() == key && ctx.same_holders(l, nb) {
+                    nb.touch();
+                    i += 1;
+                    slot += 1;
+                    last = Some(nb);
+                    run = rest;
+                    continue;
+                }
+            }
             let Some((next, b)) = ctx.locate_block(slot, key) else {
                 break;
             };
@@ -431,6 +449,7 @@ impl State {
             i += 1;
             slot = next;
             last = Some(b);
+            run = ctx.slots.after(slot as usize);
         }
         for c in &mut cands[..live] {
             c.end(i);
