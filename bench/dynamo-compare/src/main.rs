@@ -2,7 +2,6 @@
 //! DIR/queries.jsonl, timing the same phases as `cargo bench -p prefix-index --bench fleet`.
 //! The tokens → local block hash step (Dynamo's `compute_block_hash_for_seq`) is timed with
 //! the apply and with each lookup, as kvsync's own hashing is.
-#![allow(unsafe_code)]
 
 use dynamo_kv_router::protocols::{
     compute_block_hash_for_seq, BlockHashOptions, ExternalSequenceBlockHash, KvCacheEvent,
@@ -10,34 +9,11 @@ use dynamo_kv_router::protocols::{
 };
 use dynamo_kv_router::radix_tree::RadixTree;
 use serde_json::Value;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::BufRead;
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use std::time::Instant;
 
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-// SAFETY: delegates every call to `System` unchanged; the counter touches no returned memory.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Relaxed);
-        System.alloc(l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Relaxed);
-        System.alloc_zeroed(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Relaxed);
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
-        System.realloc(p, l, new)
-    }
-}
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "../../../crates/prefix-index/benches/common/counting.rs"]
+mod counting;
 
 const BS: u32 = 16;
 
@@ -121,6 +97,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
+    counting::check();
     let dir = std::env::args().nth(1).expect("usage: dynamo-compare DIR");
     let mut phases: Vec<(String, Vec<Raw>)> = Vec::new();
     let f = std::fs::File::open(format!("{dir}/events.jsonl")).expect("events.jsonl");
@@ -180,14 +157,14 @@ fn main() {
             earlier.push(t.elapsed().as_secs_f64());
         }
     }
-    let base = LIVE.load(Relaxed);
+    let base = counting::live();
     let mut tree = RadixTree::new();
     let mut id = 0u64;
     let mut held_blocks = 0usize;
     for (phase, events) in &phases {
         if phase == "remove" {
             // Lookups run between decode and removal, as in the fleet bench.
-            let live = (LIVE.load(Relaxed) - base) as f64;
+            let live = (counting::live() - base) as f64;
             println!(
                 "dynamo RadixTree: heap {:.1} MB = {:.1} bytes per stored block ({held_blocks} stored)",
                 live / 1e6,

@@ -6,54 +6,16 @@
 //! Environment: `FLEET_SEED` (default 42), `FLEET_REQUESTS` (default 20000),
 //! `FLEET_EMIT=DIR` writes `DIR/events.jsonl` and `DIR/queries.jsonl` (schema in the README)
 //! so another indexer can replay the identical workload.
-#![allow(unsafe_code)] // the counting allocator below
 
 use kv_events::{BlockHash, BlockRemoved, BlockStored, Event};
 use prefix_index::{Index, IndexConfig, Source, WorkerId};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use std::time::Instant;
 
-/// Counts live heap bytes.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every method delegates to `System` with the caller's own arguments, so it upholds
-// exactly `System`'s contract; the counter is a side effect that touches no memory it hands
-// out. `check_counting_allocator` below verifies the counting at start-up.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Relaxed);
-        System.alloc(l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Relaxed);
-        System.alloc_zeroed(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Relaxed);
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
-        System.realloc(p, l, new)
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-fn check_counting_allocator() {
-    let before = LIVE.load(Relaxed);
-    let v: Vec<u64> = Vec::with_capacity(1000);
-    assert_eq!(LIVE.load(Relaxed) - before, 8000, "allocation counted");
-    drop(v);
-    assert_eq!(LIVE.load(Relaxed), before, "free counted");
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 const WORKERS: usize = 64;
 const PROMPTS: usize = 100;
@@ -309,7 +271,7 @@ fn emit(dir: &str, wl: &Workload, sets: &[QuerySet]) -> std::io::Result<()> {
 }
 
 fn main() {
-    check_counting_allocator();
+    counting::check();
     let seed: u64 = std::env::var("FLEET_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -374,7 +336,7 @@ fn main() {
     for _ in 1..prefills {
         runs.push(prefilled().1);
     }
-    let base = LIVE.load(Relaxed);
+    let base = counting::live();
     let (index, last_s) = prefilled();
     runs.push(last_s);
     let rates: Vec<String> = runs
@@ -388,7 +350,7 @@ fn main() {
     }
     let decode_s = t.elapsed().as_secs_f64();
     let stats = index.stats();
-    let live = (LIVE.load(Relaxed) - base) as f64;
+    let live = (counting::live() - base) as f64;
     let stored = stats.worker_blocks as f64;
     println!(
         "prefill: {:.2} M blocks/s ({prefill_blocks} blocks in {prefill_s:.2}s; median of {prefills} fresh runs: {}); decode: {:.0} k events/s",
