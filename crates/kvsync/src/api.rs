@@ -194,9 +194,6 @@ async fn route(
             format!("exactly one of `token_ids`, `prompt`, `messages` is required (got {given:?})"),
         );
     }
-    let Some(pod_ip) = pod_of(&s, model) else {
-        return unknown_model(model);
-    };
     let text = match given[0] {
         "token_ids" => None,
         "prompt" => {
@@ -231,10 +228,17 @@ async fn route(
             Some(TokenIds(t)) if !t.is_empty() => t,
             _ => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
         },
-        Some(text) => match tokenize(&s, model, &pod_ip, text).await {
-            Ok(t) => t,
-            Err(r) => return r,
-        },
+        Some(text) => {
+            // Text is tokenized by one of the model's engines (token ids need no pod here:
+            // `decide` lists the model's pods once).
+            let Some(pod_ip) = pod_of(&s, model) else {
+                return unknown_model(model);
+            };
+            match tokenize(&s, model, &pod_ip, text).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            }
+        }
     };
     let answer = decide(&s, model, lora, &tokens);
     s.metrics
