@@ -27,6 +27,9 @@ struct Store {
     paused: bool,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
+    /// Watch cuts so far: a stream opened before the latest one ends. Kept with `paused`
+    /// under one lock, so a stream that sees the partition over also sees the cut made before.
+    cuts: u64,
     queries: Vec<String>,
 }
 
@@ -147,6 +150,7 @@ impl FakeApiServer {
 
     /// Ends every open watch stream (clients resume from their last resourceVersion).
     pub fn cut_watches(&self) {
+        self.shared.store.lock().expect("store").cuts += 1;
         self.shared.cut.send_modify(|v| *v += 1);
     }
 
@@ -223,6 +227,8 @@ async fn pods(s: Shared, ns: Option<String>, q: HashMap<String, String>, raw: St
     // ends when the test cuts watches.
     struct W {
         s: Shared,
+        /// `Store::cuts` when the stream opened.
+        cuts: u64,
         last: u64,
         changed: watch::Receiver<u64>,
         cut: watch::Receiver<u64>,
@@ -234,8 +240,10 @@ async fn pods(s: Shared, ns: Option<String>, q: HashMap<String, String>, raw: St
     changed.mark_unchanged();
     let mut cut = s.cut.subscribe();
     cut.mark_unchanged();
+    let cuts = s.store.lock().expect("store").cuts;
     let w = W {
         s,
+        cuts,
         last: from,
         changed,
         cut,
@@ -253,6 +261,11 @@ async fn pods(s: Shared, ns: Option<String>, q: HashMap<String, String>, raw: St
             }
             let (lines, rv, paused) = {
                 let st = w.s.store.lock().expect("store");
+                if st.cuts != w.cuts {
+                    // Cut between the check above and this lock (the test thread may also
+                    // have ended the partition since): deliver nothing more.
+                    return None;
+                }
                 let sel = w.selector.as_deref();
                 // As the API server does: an object entering the selection is ADDED, one
                 // leaving it is DELETED.
