@@ -28,6 +28,6 @@ pub use frames::{parse_live, parse_replay, FrameError, LiveMessage, ReplayMessag
 pub use sequencer::{Action, Delivery, Sequencer};
 pub use subscriber::{
     Backoff, Hub, HubError, SubscriberConfig, SubscriberCounters, SubscriberEvent, SubscriberState,
-    Subscription, SubscriptionId,
+    Subscription, SubscriptionId, SUBS_PER_CONTEXT,
 };
 pub use types::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, EventBatch, Medium};

@@ -84,6 +84,12 @@ pub struct SubscriberConfig {
     pub max_held: usize,
     /// Start from this seq (replayed) instead of 0 on the first connect.
     pub from_seq: Option<u64>,
+    /// With a replay socket: replay once more this long after a connect when no live message
+    /// has arrived meanwhile. The replay at the connect can answer before the SUB's
+    /// subscription has reached the PUB, and a batch published in between reaches no one;
+    /// when the engine then goes quiet, no later batch reveals the gap. A live message
+    /// cancels it: the subscription is through, and a batch missed before it shows as a gap.
+    pub catch_up_after: Duration,
 }
 
 impl SubscriberConfig {
@@ -100,6 +106,7 @@ impl SubscriberConfig {
             backoff: Backoff::default(),
             max_held: 10_000,
             from_seq: None,
+            catch_up_after: Duration::from_millis(500),
         }
     }
 
@@ -348,6 +355,9 @@ struct Sub {
     connected: bool,
     outbox: VecDeque<SubscriberEvent>,
     replay_deadline: Option<Instant>,
+    /// When to replay once more after a connect if no live message has come by then
+    /// (`SubscriberConfig::catch_up_after`).
+    catch_up_at: Option<Instant>,
     last_message: Instant,
     reopen_at: Option<Instant>,
     attempt: u32,
@@ -383,9 +393,13 @@ struct Poller {
 }
 
 /// Subscribers per libzmq context. Each takes four sockets (SUB, DEALER, the monitor pair)
-/// and a context holds at most 1023 (libzmq's default; the zmq crate cannot raise it), so the
-/// hub opens another context (one I/O thread and one reaper thread) per 250 subscribers.
-const SUBS_PER_CONTEXT: usize = 250;
+/// and a context holds at most 1023 (libzmq's default; the zmq crate cannot raise it),
+/// counting closed sockets its reaper thread has not finished yet: that lags a churn (200
+/// subscribers closed and opened again 50 ms later failed with "Too many open files" at the
+/// 67th). So a context hosts 125 (500 sockets): a whole context's subscribers replaced at once
+/// still fit beside their predecessors. The hub opens another context (one I/O thread and one
+/// reaper thread) per 125 subscribers.
+pub const SUBS_PER_CONTEXT: usize = 125;
 /// Most messages read from one socket before the others get a turn.
 const READ_BURST: usize = 256;
 /// How often a full sink is retried (the consumer cannot wake the poller).
@@ -469,6 +483,7 @@ impl Poller {
                         connected: false,
                         outbox: VecDeque::new(),
                         replay_deadline: None,
+                        catch_up_at: None,
                         last_message: Instant::now(),
                         reopen_at: None,
                         attempt: 0,
@@ -504,6 +519,15 @@ impl Poller {
                 s.emit_deliveries(out);
                 s.set_state(SubscriberState::Live);
             }
+            if s.catch_up_at.is_some_and(|d| now >= d) {
+                s.catch_up_at = None;
+                if s.connected {
+                    if let Some(Action::RequestReplay(from)) = s.seq.on_connected() {
+                        tracing::debug!(subscriber = %s.cfg.name, from, "no live message since the connect: replaying to catch up");
+                        s.request_replay(from);
+                    }
+                }
+            }
             if let (Some(idle), true) = (s.cfg.idle_timeout, s.connected) {
                 if now.duration_since(s.last_message) >= idle {
                     tracing::warn!(subscriber = %s.cfg.name, "no message for {idle:?}: reconnecting");
@@ -529,6 +553,7 @@ impl Poller {
             }
             let deadlines = [
                 s.replay_deadline,
+                s.catch_up_at,
                 s.reopen_at,
                 s.cfg
                     .idle_timeout
@@ -678,6 +703,7 @@ impl Sub {
     fn close_sockets(&mut self) {
         self.sockets = None;
         self.replay_deadline = None;
+        self.catch_up_at = None;
     }
 
     fn stop(&mut self) {
@@ -746,6 +772,9 @@ impl Sub {
                 self.last_message = Instant::now();
                 self.push(SubscriberEvent::Connected);
                 tracing::info!(subscriber = %self.cfg.name, "connected");
+                if self.cfg.replay_endpoint.is_some() {
+                    self.catch_up_at = Some(self.last_message + self.cfg.catch_up_after);
+                }
                 match self.seq.on_connected() {
                     Some(Action::RequestReplay(from)) => self.request_replay(from),
                     None => self.set_state(SubscriberState::Live),
@@ -796,6 +825,7 @@ impl Sub {
                 return true;
             };
             self.last_message = Instant::now();
+            self.catch_up_at = None;
             let mut out = Vec::new();
             let action = match parse_live(&frames) {
                 Ok(m) => self.seq.on_live(m.seq, m.payload, &mut out),

@@ -1,5 +1,5 @@
 //! 256 subscribers in one process (one publisher fans out to all): threads stay bounded (one
-//! poller thread plus two libzmq threads per 250 subscribers), file descriptors grow by a fixed
+//! poller thread plus two libzmq threads per `SUBS_PER_CONTEXT` subscribers), file descriptors grow by a fixed
 //! few per subscriber and return to the baseline after shutdown; memory is measured and printed.
 //! Its own test binary, so no other test's sockets or threads are counted.
 
@@ -99,13 +99,15 @@ async fn subscribers_256_keep_threads_and_descriptors_bounded() {
         rss1 as f64 / 1024.0,
         (rss1.saturating_sub(rss0)) as f64 / N as f64
     );
-    // The hub: its poller, and libzmq's I/O and reaper threads of its first context. Every 250
-    // subscribers share one more context (two threads); a subscriber itself adds none.
+    // The hub: its poller, and libzmq's I/O and reaper threads of its first context. Every
+    // `SUBS_PER_CONTEXT` subscribers share one more context (two threads); a subscriber itself
+    // adds none.
     assert_eq!(threads_hub, threads0 + 3, "poller + one libzmq context");
     assert_eq!(
         threads1,
-        threads_hub + 2 * (N.div_ceil(250) - 1),
-        "threads per 250 subscribers"
+        threads_hub + 2 * (N.div_ceil(kv_events::SUBS_PER_CONTEXT) - 1),
+        "threads per {} subscribers",
+        kv_events::SUBS_PER_CONTEXT
     );
     assert!(
         fds1 - fds0 <= 8 * N,

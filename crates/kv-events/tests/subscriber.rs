@@ -200,6 +200,35 @@ async fn skipped_range_is_repaired_from_replay() {
     assert_eq!(c.state(), SubscriberState::Live);
 }
 
+/// A batch published after the replay at the connect but before the SUB's subscription
+/// reached the PUB reaches no one live; with the engine quiet afterwards no later batch shows
+/// the gap. The replay a while after the connect catches it up.
+#[tokio::test]
+async fn a_batch_missed_right_after_the_connect_is_caught_up_while_the_engine_is_quiet() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let mut cfg = SubscriberConfig::new("catch-up", p.endpoint()).replay(p.replay_endpoint());
+    // Wide enough that the batch below is surely published before it ends.
+    cfg.catch_up_after = Duration::from_secs(2);
+    let mut s = sink_for(&hub, cfg);
+    s.live().await; // connected; the replay at the connect found an empty buffer
+    p.skip(0, &payload(0)); // lost on the wire (as in that window), kept for replay
+    s.batch(0).await;
+    assert_eq!(s.batches(), vec![0]);
+    assert!(s.gaps().is_empty(), "{:?}", s.gaps());
+    assert_eq!(
+        s.counters.replays_requested.load(Relaxed),
+        2,
+        "connect, catch-up"
+    );
+    // A live batch then comes in order: no gap, no further replay.
+    p.send(1, &payload(1));
+    s.batch(1).await;
+    assert_eq!(p.replays, vec![0, 0], "both from 0");
+    assert_eq!(s.counters.replays_requested.load(Relaxed), 2);
+    assert_eq!(s.counters.state(), SubscriberState::Live);
+}
+
 #[tokio::test]
 async fn range_older_than_the_buffer_is_reported_unrepaired() {
     let hub = Hub::start().expect("hub");
