@@ -36,10 +36,6 @@ impl Approx {
         self.block_size
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// Whether it remembers anything at all (a zero TTL turns it off).
     pub fn enabled(&self) -> bool {
         !self.ttl.is_zero()
