@@ -66,6 +66,11 @@ fn pod(
     .expect("pod")
 }
 
+/// A Running, Ready pod with no extra labels or annotations.
+fn ready_pod(name: &str, uid: &str, ip: &str, ports: (u16, u16)) -> Pod {
+    pod(name, uid, ip, "Running", true, ports, json!({}))
+}
+
 fn stored(seq: u64, rank: u32) -> Vec<u8> {
     encode(
         &EventBatch {
@@ -205,15 +210,7 @@ async fn subscribed_exactly_once_and_only_when_ready() {
     })
     .await;
     assert_eq!(started(), 0, "not Ready: no subscription");
-    f.api.apply(pod(
-        "vllm-0",
-        "u1",
-        "127.0.0.1",
-        "Running",
-        true,
-        ports,
-        json!({}),
-    ));
+    f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.1", ports));
     eventually("subscribed", || started() == 1).await;
     // The same pod again (a status update that changes nothing kvsync uses).
     f.api.apply(pod(
@@ -238,25 +235,9 @@ async fn ip_change_replaces_the_subscriber_and_drops_the_old_blocks() {
     let (pp, rp) = (ports.0.to_string(), ports.1.to_string());
     let mut a = Publisher::start(&["--host", "127.0.0.2", "--ports", &pp, &rp]);
     let mut b = Publisher::start(&["--host", "127.0.0.3", "--ports", &pp, &rp]);
-    f.api.apply(pod(
-        "vllm-0",
-        "u1",
-        "127.0.0.2",
-        "Running",
-        true,
-        ports,
-        json!({}),
-    ));
+    f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.2", ports));
     let seq = f.feed(&mut a, "ml/vllm-0", 0, 0).await;
-    f.api.apply(pod(
-        "vllm-0",
-        "u1",
-        "127.0.0.3",
-        "Running",
-        true,
-        ports,
-        json!({}),
-    ));
+    f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.3", ports));
     eventually("old incarnation's blocks gone", || {
         f.held_by("ml/vllm-0", 0) == 0
     })
@@ -284,29 +265,13 @@ async fn label_removed_deleted_and_watch_cuts_leave_no_duplicate_or_leak() {
     let running = || f.stats.workers_running.load(Relaxed);
     let started = || f.stats.subscriptions_started.load(Relaxed);
     for name in ["a", "b", "c"] {
-        f.api.apply(pod(
-            name,
-            name,
-            "127.0.0.1",
-            "Running",
-            true,
-            ports,
-            json!({}),
-        ));
+        f.api.apply(ready_pod(name, name, "127.0.0.1", ports));
     }
     eventually("three subscribed", || started() == 3 && running() == 3).await;
 
     // Watch cut and resumed from the last resourceVersion: nothing changes.
     f.api.cut_watches();
-    f.api.apply(pod(
-        "d",
-        "d",
-        "127.0.0.1",
-        "Running",
-        true,
-        ports,
-        json!({}),
-    ));
+    f.api.apply(ready_pod("d", "d", "127.0.0.1", ports));
     eventually("the resumed watch delivers", || started() == 4).await;
     assert_eq!(running(), 4);
 
@@ -409,15 +374,8 @@ async fn churn_of_500_pods_ten_times_leaves_nothing_behind() {
     for round in 0..10 {
         for i in 0..500 {
             let uid = format!("u{round}-{i}");
-            f.api.apply(pod(
-                &format!("p{i}"),
-                &uid,
-                "127.0.0.1",
-                "Running",
-                true,
-                ports,
-                json!({}),
-            ));
+            f.api
+                .apply(ready_pod(&format!("p{i}"), &uid, "127.0.0.1", ports));
         }
         eventually("500 subscribed", || {
             f.stats.workers_running.load(Relaxed) == 500
@@ -473,15 +431,7 @@ async fn kv_sync_off_creates_no_socket_and_no_task() {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(m.run(source::kubernetes(api.client(), &[]), 1, shutdown.clone()));
     ready.wait_for(|r| *r).await.expect("ready");
-    api.apply(pod(
-        "x",
-        "x",
-        "127.0.0.1",
-        "Running",
-        true,
-        (5557, 5558),
-        json!({}),
-    ));
+    api.apply(ready_pod("x", "x", "127.0.0.1", (5557, 5558)));
     eventually("pod tracked", || stats.pods_known.load(Relaxed) == 1).await;
     assert_eq!(tracker.len(), 0);
     assert_eq!(stats.subscriptions_started.load(Relaxed), 0);
@@ -503,16 +453,8 @@ async fn static_pod_file_is_reread_when_it_changes() {
         let docs: Vec<String> = names
             .iter()
             .map(|n| {
-                serde_yaml::to_string(&pod(
-                    n,
-                    n,
-                    "127.0.0.1",
-                    "Running",
-                    true,
-                    (p.pub_port, p.replay_port),
-                    json!({}),
-                ))
-                .expect("yaml")
+                serde_yaml::to_string(&ready_pod(n, n, "127.0.0.1", (p.pub_port, p.replay_port)))
+                    .expect("yaml")
             })
             .collect();
         std::fs::write(&file, docs.join("---\n")).expect("write");
@@ -554,15 +496,7 @@ async fn container_restart_is_a_new_incarnation_and_a_crash_loop_is_backed_off()
     let mut p = Publisher::start(&[]);
     let ports = (p.pub_port, p.replay_port);
     let started = || f.stats.subscriptions_started.load(Relaxed);
-    f.api.apply(pod(
-        "cl",
-        "cl",
-        "127.0.0.1",
-        "Running",
-        true,
-        ports,
-        json!({}),
-    ));
+    f.api.apply(ready_pod("cl", "cl", "127.0.0.1", ports));
     f.feed(&mut p, "ml/cl", 0, 0).await;
     // The container restarts five times in a row: each is a new engine, whose blocks are
     // unknown; the re-subscriptions wait (1 s and more) and each waiting one is superseded.
