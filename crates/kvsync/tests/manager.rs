@@ -396,6 +396,9 @@ async fn churn_of_500_pods_ten_times_leaves_nothing_behind() {
     }
     let hub = f.hub.clone();
     eventually("no subscription left", || hub.subscriptions() == subs0).await;
+    // A worker task counts itself out of `workers_running` just before it returns, so the
+    // tracker may still count it for a moment.
+    eventually("zero worker tasks left", || f.tracker.len() == tasks0).await;
     let after = f.index.stats();
     println!(
         "churn: {} subscriptions; index bytes {} -> peak {} -> {}; workers {} -> {}; tasks {} -> {}",
@@ -409,7 +412,6 @@ async fn churn_of_500_pods_ten_times_leaves_nothing_behind() {
         f.tracker.len()
     );
     assert_eq!(f.stats.subscriptions_started.load(Relaxed), 5000);
-    assert_eq!(f.tracker.len(), tasks0, "zero worker tasks left");
     assert_eq!(
         (after.bytes, after.blocks, after.workers, after.contexts),
         (base.bytes, 0, 0, 0)
