@@ -40,6 +40,8 @@ fn engine_hash(parent: u64, tokens: &[u32]) -> u64 {
 struct Request {
     worker: usize,
     tokens: Vec<u32>,
+    /// Engine hash of the system prompt's last block on this worker (the suffix's parent).
+    tail: u64,
     /// Engine hashes of the request's own blocks after the system prompt (suffix + decode).
     own: Vec<u64>,
 }
@@ -48,6 +50,9 @@ struct Workload {
     prefill: Vec<(usize, Event)>,
     decode: Vec<(usize, Event)>,
     remove: Vec<(usize, Event)>,
+    /// After the removals: the removed requests' suffixes stored again, with the same engine
+    /// hashes (a worker computing the same prompt again), into an index already grown.
+    restore: Vec<(usize, Event)>,
     requests: Vec<Request>,
     prompts: Vec<Vec<u32>>,
 }
@@ -110,6 +115,7 @@ fn workload(seed: u64, n_requests: usize) -> Workload {
         prefill: Vec::new(),
         decode: Vec::new(),
         remove: Vec::new(),
+        restore: Vec::new(),
         requests: Vec::new(),
         prompts: prompts.clone(),
     };
@@ -136,8 +142,8 @@ fn workload(seed: u64, n_requests: usize) -> Workload {
         );
         wl.requests.push(Request {
             worker: w,
-
             tokens,
+            tail: prompt_tail,
             own,
         });
     }
@@ -160,6 +166,7 @@ fn workload(seed: u64, n_requests: usize) -> Workload {
             parent = h;
         }
     }
+    let mut restore = Vec::new();
     for r in &wl.requests {
         if rng.gen_bool(0.25) {
             wl.remove.push((
@@ -169,8 +176,15 @@ fn workload(seed: u64, n_requests: usize) -> Workload {
                     ..Default::default()
                 }),
             ));
+            store_events(
+                &mut restore,
+                r.worker,
+                Some(r.tail),
+                &r.tokens[PROMPT_TOKENS..],
+            );
         }
     }
+    wl.restore = restore;
     wl
 }
 
@@ -241,6 +255,7 @@ fn emit(dir: &str, wl: &Workload, sets: &[QuerySet]) -> std::io::Result<()> {
         ("prefill", &wl.prefill),
         ("decode", &wl.decode),
         ("remove", &wl.remove),
+        ("restore", &wl.restore),
     ] {
         for (w, e) in list.iter() {
             let line = match e {
@@ -438,6 +453,17 @@ fn main() {
     println!(
         "remove: {:.2} M blocks/s ({removed_blocks} blocks in {remove_s:.2}s); afterwards {} pairs held",
         removed_blocks as f64 / remove_s / 1e6,
+        index.stats().worker_blocks
+    );
+    let restore_blocks: usize = wl.restore.iter().map(|(_, e)| blocks(e)).sum();
+    let t = Instant::now();
+    for (w, e) in &wl.restore {
+        index.apply(&workers[*w], src, e);
+    }
+    let restore_s = t.elapsed().as_secs_f64();
+    println!(
+        "restore: {:.2} M blocks/s ({restore_blocks} blocks of the removed requests stored again into the grown index: apply in steady state); afterwards {} pairs held",
+        restore_blocks as f64 / restore_s / 1e6,
         index.stats().worker_blocks
     );
     let r = |k: &str| results.get(k).copied().unwrap_or_default();
