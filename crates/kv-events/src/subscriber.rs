@@ -387,9 +387,17 @@ struct Poller {
     contexts: Vec<(zmq::Context, usize)>,
     wake: zmq::Socket,
     commands: mpsc::Receiver<Command>,
+    /// In id order (see [`sub_mut`]).
     subs: Vec<Sub>,
     live: Arc<AtomicUsize>,
     rng: u64,
+}
+
+/// The subscriber with this id in `Poller::subs`, which is in id order (insertion keeps it,
+/// `retain` preserves it): a socket event finds its owner without walking every subscriber.
+fn sub_mut(subs: &mut [Sub], id: u64) -> Option<&mut Sub> {
+    let i = subs.binary_search_by_key(&id, |s| s.id).ok()?;
+    Some(&mut subs[i])
 }
 
 /// Subscribers per libzmq context. Each takes four sockets (SUB, DEALER, the monitor pair)
@@ -446,7 +454,7 @@ impl Poller {
                     continue;
                 }
                 let (id, kind) = ((t.0 >> 2) as u64, 1u8 << (t.0 & 3));
-                if let Some(s) = self.subs.iter_mut().find(|s| s.id == id) {
+                if let Some(s) = sub_mut(&mut self.subs, id) {
                     s.dirty |= kind;
                 }
             }
@@ -493,10 +501,12 @@ impl Poller {
                     // Announce the first state (`open` only reports changes).
                     s.push(SubscriberEvent::State(s.state));
                     s.open(&self.contexts[context].0, self.poll.registry());
-                    self.subs.push(s);
+                    // Kept in id order (two threads may send their Adds out of id order).
+                    let at = self.subs.partition_point(|x| x.id < id);
+                    self.subs.insert(at, s);
                 }
                 Command::Remove(id) => {
-                    if let Some(s) = self.subs.iter_mut().find(|s| s.id == id) {
+                    if let Some(s) = sub_mut(&mut self.subs, id) {
                         s.stop();
                     }
                 }
