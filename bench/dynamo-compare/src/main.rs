@@ -36,6 +36,11 @@ fn u64s(v: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// Token ids (u32) from a JSON array.
+fn tokens(v: &Value) -> Vec<u32> {
+    u64s(v).into_iter().map(|t| t as u32).collect()
+}
+
 fn to_event(id: u64, r: &Raw) -> RouterEvent {
     match r {
         Raw::Stored {
@@ -110,10 +115,7 @@ fn main() {
                 w,
                 parent: v["parent_block_hash"].as_u64(),
                 hashes: u64s(&v["block_hashes"]),
-                tokens: u64s(&v["token_ids"])
-                    .into_iter()
-                    .map(|t| t as u32)
-                    .collect(),
+                tokens: tokens(&v["token_ids"]),
             },
             Some("BlockRemoved") => Raw::Removed {
                 w,
@@ -131,10 +133,7 @@ fn main() {
     for line in std::io::BufReader::new(f).lines() {
         let v: Value = serde_json::from_str(&line.expect("line")).expect("json");
         let set = v["set"].as_str().unwrap_or("").to_owned();
-        let t: Vec<u32> = u64s(&v["token_ids"])
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
+        let t = tokens(&v["token_ids"]);
         if sets.last().map(|s| &s.0) != Some(&set) {
             sets.push((set, Vec::new()));
         }

@@ -324,6 +324,14 @@ fn main() {
     // `FLEET_PROFILE=lookup` runs 30 passes of lookups instead of 3: a phase to `perf record`;
     // `FLEET_PROFILE=parts` times a lookup's hashing and walk apart, cold and hot.
     let profile = std::env::var("FLEET_PROFILE").unwrap_or_default();
+    // Applies a phase's events in order; the seconds that took.
+    let apply = |index: &Index, events: &[(usize, Event)]| {
+        let t = Instant::now();
+        for (w, e) in events {
+            index.apply(&workers[*w], src, e);
+        }
+        t.elapsed().as_secs_f64()
+    };
     // A fresh unbounded index with the prefill applied, and the seconds that took.
     let prefilled = || {
         let index = Index::new(
@@ -331,11 +339,8 @@ fn main() {
                 .max_bytes(usize::MAX)
                 .max_blocks_per_context(usize::MAX),
         );
-        let t = Instant::now();
-        for (w, e) in &wl.prefill {
-            index.apply(&workers[*w], src, e);
-        }
-        (index, t.elapsed().as_secs_f64())
+        let s = apply(&index, &wl.prefill);
+        (index, s)
     };
     let passes = if profile == "lookup" { 30 } else { 3 };
     // The prefill runs `FLEET_PREFILLS` times (default 5), each into a fresh index (the
@@ -359,11 +364,7 @@ fn main() {
         .map(|s| format!("{:.2}", prefill_blocks as f64 / s / 1e6))
         .collect();
     let prefill_s = percentile(&mut runs, 0.5);
-    let t = Instant::now();
-    for (w, e) in &wl.decode {
-        index.apply(&workers[*w], src, e);
-    }
-    let decode_s = t.elapsed().as_secs_f64();
+    let decode_s = apply(&index, &wl.decode);
     let stats = index.stats();
     let live = (counting::live() - base) as f64;
     let stored = stats.worker_blocks as f64;
@@ -445,22 +446,14 @@ fn main() {
         results.insert(s.name, (p50, p99));
     }
 
-    let t = Instant::now();
-    for (w, e) in &wl.remove {
-        index.apply(&workers[*w], src, e);
-    }
-    let remove_s = t.elapsed().as_secs_f64();
+    let remove_s = apply(&index, &wl.remove);
     println!(
         "remove: {:.2} M blocks/s ({removed_blocks} blocks in {remove_s:.2}s); afterwards {} pairs held",
         removed_blocks as f64 / remove_s / 1e6,
         index.stats().worker_blocks
     );
     let restore_blocks: usize = wl.restore.iter().map(|(_, e)| blocks(e)).sum();
-    let t = Instant::now();
-    for (w, e) in &wl.restore {
-        index.apply(&workers[*w], src, e);
-    }
-    let restore_s = t.elapsed().as_secs_f64();
+    let restore_s = apply(&index, &wl.restore);
     println!(
         "restore: {:.2} M blocks/s ({restore_blocks} blocks of the removed requests stored again into the grown index: apply in steady state); afterwards {} pairs held",
         restore_blocks as f64 / restore_s / 1e6,

@@ -12,8 +12,9 @@
 //! parent's is found from its parent: [`Context::locate`] looks at the slot after the
 //! parent's before the index. Invariant: a block in use (live or a tombstone) is indexed, or
 //! the slot before it holds its parent. A block is freed only when it has no children, so no
-//! block loses the parent it is found from. The fleet workload's 2.2 M blocks need ~30 k index entries instead of 2.2 M: an
-//! index that fits the caches, fewer page faults as it grows, and 13 bytes less per block.
+//! block loses the parent it is found from. The fleet workload's 2.2 M blocks need ~30 k
+//! index entries instead of 2.2 M: an index that fits the caches, fewer page faults as it
+//! grows, and 13 bytes less per block.
 
 use crate::table::SlotTable;
 use crate::tier::TierMask;
