@@ -336,6 +336,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         tokenizer: None,
         pod_tokenizer_port: 8000,
         tokenizer_timeout: Duration::from_secs(1),
+        body_timeout: kvsync::api::BODY_TIMEOUT,
         kv_sync: true,
         // As `kvsync serve` by default: decisions count for 2 s.
         recent: kvsync::approx::Approx::new(Duration::from_secs(2), BS, 1 << 22),

@@ -6,12 +6,13 @@ use crate::manager::{PodTable, WorkerTable};
 use crate::metrics::Metrics;
 use crate::request::{self, RouteRequest, TokenIds};
 use crate::tokenizer::{Text, Tokenizer};
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use prefix_index::{Index, Tier, WorkerId};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,6 +21,14 @@ use std::time::{Duration, Instant};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 4 << 20;
+
+/// Largest body read and discarded after `MAX_BODY` is exceeded, so that the client, still
+/// writing, reads the 413 and keeps its connection. Past it (or past a declared length over it)
+/// the answer carries `Connection: close` and the rest is never read.
+pub const MAX_DRAIN: usize = 64 << 20;
+
+/// Default of `AppState::body_timeout`.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything the handlers read.
 #[derive(Debug)]
@@ -33,6 +42,8 @@ pub struct AppState {
     /// Port of a pod's own `/tokenize` when no tokenizer is configured.
     pub pod_tokenizer_port: u16,
     pub tokenizer_timeout: Duration,
+    /// How long a request body may take to arrive (a stalled client does not hold a handler).
+    pub body_timeout: Duration,
     /// Whether the index is fed by KV events (otherwise `recent` is the only knowledge).
     pub kv_sync: bool,
     /// Recent routing decisions: with KV sync, those whose events may not have arrived yet (a
@@ -51,7 +62,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        // `read_body` bounds the only body read.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -143,19 +155,69 @@ fn pod_of(s: &AppState, model: &str) -> Option<String> {
         .map(|t| t.ip.clone())
 }
 
-async fn route(
-    State(s): State<Arc<AppState>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let started = Instant::now();
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("unreadable request body (at most {MAX_BODY} bytes): {e}"),
-            )
+/// The request body, at most `MAX_BODY` bytes, within `timeout`. A longer one is a 413:
+/// read to its end first when it is no longer than `MAX_DRAIN`, so that a client which sends the
+/// whole body before reading (most do) gets the answer rather than a reset, and its connection
+/// stays usable; beyond that, the connection is closed.
+async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result<Bytes, Response> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = |close: bool| {
+        let mut r = error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes"),
+        );
+        if close {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        r
+    };
+    if declared.is_some_and(|n| n > MAX_DRAIN as u64) {
+        return Err(too_large(true));
+    }
+    let mut body = body;
+    let mut kept = Vec::with_capacity(declared.map_or(0, |n| n.min(MAX_BODY as u64) as usize));
+    let mut seen = 0usize;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("unreadable request body: {e}"))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            seen = seen.saturating_add(data.len());
+            if seen <= MAX_BODY {
+                kept.extend_from_slice(&data);
+            } else if seen > MAX_DRAIN {
+                break;
+            }
+        }
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {timeout:?}"),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(r)
+        }
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, e)),
+        Ok(Ok(())) if seen > MAX_DRAIN => Err(too_large(true)),
+        Ok(Ok(())) if seen > MAX_BODY => Err(too_large(false)),
+        Ok(Ok(())) => Ok(Bytes::from(kept)),
+    }
+}
+
+async fn route(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let body = match read_body(&headers, body, s.body_timeout).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let req: RouteRequest = match request::parse(&body) {
         Ok(r) => r,

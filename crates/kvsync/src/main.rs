@@ -188,6 +188,7 @@ fn main() -> Result<()> {
                 approx_ttl: Duration::from_secs(approx_ttl_s),
                 approx_block_size,
                 routed_ttl: Duration::from_millis(routed_ttl_ms),
+                body_timeout: kvsync::api::BODY_TIMEOUT,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

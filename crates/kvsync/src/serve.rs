@@ -36,6 +36,8 @@ pub struct Options {
     /// KV sync on: how long a routing decision counts as cached while its events are on the
     /// way (0: rank by announced blocks only).
     pub routed_ttl: Duration,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,
             routed_ttl: Duration::from_secs(2),
+            body_timeout: api::BODY_TIMEOUT,
         }
     }
 }
@@ -117,6 +120,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             .map(|t| Tokenizer::new(&t.endpoint, opts.tokenizer_timeout)),
         pod_tokenizer_port: opts.pod_tokenizer_port,
         tokenizer_timeout: opts.tokenizer_timeout,
+        body_timeout: opts.body_timeout,
         kv_sync: cfg.kv_sync,
         recent: Approx::new(
             if cfg.kv_sync {

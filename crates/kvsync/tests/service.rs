@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
+use kvsync::api;
 use kvsync::config::{Config, RemoteTokenizer, TokenizerEngine};
 use kvsync::serve::{self, Options};
 use serde_json::{json, Value};
@@ -328,11 +329,8 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
     );
     let (s, b) = http.call("POST", "/v1/route", big.into_bytes()).await;
     let e: Value = serde_json::from_slice(&b).expect("json error");
-    assert_eq!(s, 400, "{e}");
+    assert_eq!(s, 413, "{e}");
     assert!(e["error"].as_str().unwrap_or("").contains("body"), "{e}");
-    // The server closes a connection whose body it refused to read: a pooled client may have
-    // picked that connection for its next request already. A new client from here on.
-    let http = Http::new(running.addr);
 
     // /metrics through a Prometheus text parser.
     let (s, text) = http.call("GET", "/metrics", Vec::new()).await;
@@ -484,4 +482,123 @@ async fn recent_decisions_hold_a_new_prefix_on_one_pod_until_events_arrive() {
         }
         running.stop().await.expect("clean stop");
     }
+}
+
+/// One HTTP/1.1 response read off a raw connection: status, lower-cased headers, body (by
+/// `content-length`).
+async fn read_response(conn: &mut tokio::net::TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = conn.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "connection closed before a response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..end].to_vec()).expect("utf-8 head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("content-length");
+    let mut body = buf[end..].to_vec();
+    while body.len() < len {
+        let mut chunk = [0u8; 4096];
+        let n = conn.read(&mut chunk).await.expect("read body");
+        assert!(n > 0, "connection closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    (status, headers, body)
+}
+
+/// A body over the limit is a 413. A client that writes its whole request before reading (the
+/// usual way) gets that answer and keeps its connection: the server reads the rest and drops
+/// it (up to `MAX_DRAIN`), rather than closing on unread data, which resets the connection and
+/// loses the answer. A declared length past `MAX_DRAIN` is refused before the body is sent, and
+/// the connection closed; a body that stalls is a 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_stalled_bodies_are_answered_not_reset() {
+    use tokio::io::AsyncWriteExt;
+    let (tok_addr, _tok) = tokenizer().await;
+    let a = Publisher::start(&[]);
+    let mut opts = options(temp_file("bodies", &pod_yaml("a", &a)));
+    opts.body_timeout = Duration::from_millis(300);
+    let (running, _http) = start_listed(config(true, tok_addr), opts).await;
+    let connect = || tokio::net::TcpStream::connect(running.addr);
+    let error_of = |body: &[u8]| -> String {
+        let v: Value = serde_json::from_slice(body).expect("JSON error");
+        v["error"].as_str().expect("error").to_owned()
+    };
+    let closes = |h: &[(String, String)]| h.iter().any(|(k, v)| k == "connection" && v == "close");
+
+    // Ten times the accepted size, well past any socket buffer, written in full before a read.
+    let len = 10 * api::MAX_BODY;
+    assert!(len < api::MAX_DRAIN);
+    let mut conn = connect().await.expect("connect");
+    let mut req = format!(
+        "POST /v1/route HTTP/1.1\r\nhost: kvsync\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\n\r\n"
+    )
+    .into_bytes();
+    req.resize(req.len() + len, b' ');
+    conn.write_all(&req).await.expect("the whole body is taken");
+    let (status, headers, body) = read_response(&mut conn).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(error_of(&body).contains("body over"), "{body:?}");
+    assert!(!closes(&headers), "drained, so kept: {headers:?}");
+    // The same connection serves the next request.
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: kvsync\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _, body) = read_response(&mut conn).await;
+    assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+
+    // Declared past MAX_DRAIN: answered from the headers alone, and closed.
+    let mut conn = connect().await.expect("connect");
+    conn.write_all(
+        format!(
+            "POST /v1/route HTTP/1.1\r\nhost: kvsync\r\ncontent-length: {}\r\n\r\n",
+            api::MAX_DRAIN + 1
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, headers, body) = read_response(&mut conn).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(closes(&headers), "{headers:?}");
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    conn.read_to_end(&mut rest).await.expect("read to the end");
+    assert!(rest.is_empty(), "nothing after the answer: {rest:?}");
+
+    // Half a body, then nothing: 408 once the body timeout passes, and closed.
+    let mut conn = connect().await.expect("connect");
+    conn.write_all(
+        b"POST /v1/route HTTP/1.1\r\nhost: kvsync\r\ncontent-length: 100\r\n\r\n{\"model\"",
+    )
+    .await
+    .expect("write");
+    let (status, headers, body) =
+        tokio::time::timeout(Duration::from_secs(20), read_response(&mut conn))
+            .await
+            .expect("an answer, not a wait for the rest of the body");
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(error_of(&body).contains("not received within"), "{body:?}");
+    assert!(closes(&headers), "{headers:?}");
+
+    running.stop().await.expect("clean stop");
 }
