@@ -27,7 +27,7 @@ pub use encode::{encode, encode_into, Shape, WireFormat};
 pub use frames::{parse_live, parse_replay, FrameError, LiveMessage, ReplayMessage};
 pub use sequencer::{Action, Delivery, Sequencer};
 pub use subscriber::{
-    Backoff, Hub, HubError, SubscriberConfig, SubscriberCounters, SubscriberEvent, SubscriberState,
-    Subscription, SubscriptionId, SUBS_PER_CONTEXT,
+    Backoff, Hub, HubError, Sink, SubscriberConfig, SubscriberCounters, SubscriberEvent,
+    SubscriberState, Subscription, SubscriptionId, SUBS_PER_CONTEXT,
 };
 pub use types::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, EventBatch, Medium};

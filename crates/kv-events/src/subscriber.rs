@@ -1,5 +1,6 @@
 //! The ZeroMQ subscribers: one SUB (and one replay DEALER) per publisher (pod, DP rank), all
-//! driven by one poller thread over libzmq, each feeding its own bounded channel.
+//! driven by one poller thread over libzmq, each feeding its own sink: a bounded channel, or
+//! a function called on the poller thread (no hop to another thread, so no wake-up per batch).
 //!
 //! ```text
 //!  Hub::subscribe(cfg, sink) ──command──▶ poller thread ── epoll(ready sockets) ──┐
@@ -13,9 +14,9 @@
 //! backoff's start, `ZMQ_RECONNECT_IVL_MAX` = its cap; libzmq doubles and adds up to one
 //! interval of jitter). ZMTP heartbeats detect a publisher that vanished without closing; an
 //! optional idle timeout recreates the sockets after our own backoff (start, cap, factor).
-//! When a sink is full the poller stops reading that SUB (libzmq then drops at its high-water
-//! mark, which the sequencer reports as a gap and repairs through replay); it never blocks
-//! and never busy-polls: it sleeps in epoll until a socket, a command or a deadline.
+//! When a channel sink is full the poller stops reading that SUB (libzmq then drops at its
+//! high-water mark, which the sequencer reports as a gap and repairs through replay); it never
+//! blocks and never busy-polls: it sleeps in epoll until a socket, a command or a deadline.
 //!
 //! Each socket's `ZMQ_FD` is registered once with epoll (mio), so a wake-up costs what the
 //! ready sockets cost, not all of them (`zmq::poll` asked every socket of every subscriber for
@@ -26,6 +27,7 @@
 use crate::frames::{parse_live, parse_replay, replay_request, FrameError, ReplayMessage};
 use crate::sequencer::{Action, Delivery, Sequencer};
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -149,6 +151,37 @@ pub enum SubscriberEvent {
     },
 }
 
+/// Where a subscriber's events go, in order.
+pub enum Sink {
+    /// A bounded channel to another thread or task. When it is full the poller stops reading
+    /// this subscriber's SUB until there is room (libzmq queues, then drops at its high-water
+    /// mark: a gap the sequencer repairs through replay). Closing the receiver ends the
+    /// subscription.
+    Channel(tmpsc::Sender<SubscriberEvent>),
+    /// Called on the poller thread for each event as it is produced: no channel, no wake-up of
+    /// another thread. It runs between the reads of every subscriber of the hub, so it must be
+    /// quick and must never block. It is dropped on the poller thread once it has received
+    /// `State(Stopped)` (after [`Hub::unsubscribe`]) or when the hub shuts down, and never
+    /// called after that: a consumer that must know the last event has been handled can own
+    /// something whose drop it awaits.
+    Direct(Box<dyn FnMut(SubscriberEvent) + Send>),
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sink::Channel(tx) => f.debug_tuple("Channel").field(tx).finish(),
+            Sink::Direct(_) => f.write_str("Direct(..)"),
+        }
+    }
+}
+
+impl From<tmpsc::Sender<SubscriberEvent>> for Sink {
+    fn from(tx: tmpsc::Sender<SubscriberEvent>) -> Sink {
+        Sink::Channel(tx)
+    }
+}
+
 /// Identifies a subscription of a [`Hub`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SubscriptionId(u64);
@@ -196,12 +229,7 @@ pub struct Subscription {
 }
 
 enum Command {
-    Add(
-        u64,
-        Box<SubscriberConfig>,
-        tmpsc::Sender<SubscriberEvent>,
-        Arc<SubscriberCounters>,
-    ),
+    Add(u64, Box<SubscriberConfig>, Sink, Arc<SubscriberCounters>),
     Remove(u64),
     Shutdown,
 }
@@ -291,15 +319,17 @@ impl Hub {
         }
     }
 
-    /// Subscribes; events go to `sink` in order. Never blocks on the network.
-    pub fn subscribe(
-        &self,
-        cfg: SubscriberConfig,
-        sink: tmpsc::Sender<SubscriberEvent>,
-    ) -> Subscription {
+    /// Subscribes; events go to `sink` (a [`Sink`], or a channel's sender) in order. Never
+    /// blocks on the network.
+    pub fn subscribe(&self, cfg: SubscriberConfig, sink: impl Into<Sink>) -> Subscription {
         let id = self.next_id.fetch_add(1, Relaxed);
         let counters = Arc::new(SubscriberCounters::default());
-        self.send(Command::Add(id, Box::new(cfg), sink, counters.clone()));
+        self.send(Command::Add(
+            id,
+            Box::new(cfg),
+            sink.into(),
+            counters.clone(),
+        ));
         Subscription {
             id: SubscriptionId(id),
             counters,
@@ -347,7 +377,7 @@ struct Sub {
     /// Index of its context in `Poller::contexts`.
     context: usize,
     cfg: SubscriberConfig,
-    sink: tmpsc::Sender<SubscriberEvent>,
+    sink: Sink,
     sockets: Option<Sockets>,
     generation: u64,
     seq: Sequencer,
@@ -739,10 +769,27 @@ impl Sub {
         self.outbox.push_back(ev);
     }
 
-    /// Sends what waits in the outbox; stops at a full sink.
+    /// Sends what waits in the outbox; stops at a full channel.
     fn flush(&mut self) {
+        let tx = match &mut self.sink {
+            Sink::Direct(f) => {
+                while let Some(ev) = self.outbox.pop_front() {
+                    // A consumer that panics loses its own subscription, not the poller
+                    // thread and every other subscriber with it.
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| f(ev))).is_err() {
+                        tracing::error!(subscriber = %self.cfg.name, "the sink panicked: subscriber stopped");
+                        self.outbox.clear();
+                        self.sockets = None;
+                        self.closed = true;
+                        return;
+                    }
+                }
+                return;
+            }
+            Sink::Channel(tx) => tx,
+        };
         while let Some(ev) = self.outbox.pop_front() {
-            match self.sink.try_send(ev) {
+            match tx.try_send(ev) {
                 Ok(()) => {}
                 Err(tmpsc::error::TrySendError::Full(ev)) => {
                     self.outbox.push_front(ev);

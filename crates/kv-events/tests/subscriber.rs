@@ -7,11 +7,11 @@ use kv_events::{
     encode, BlockHash, BlockStored, Delivery, Event, EventBatch, FrameError, Hub, SubscriberConfig,
     SubscriberCounters, SubscriberEvent, SubscriberState, WireFormat,
 };
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use support::Publisher;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 fn payload(seq: u64) -> Vec<u8> {
     let b = EventBatch {
@@ -496,4 +496,137 @@ async fn many_publishers_bursting_into_small_sinks_lose_nothing() {
         );
         assert!(lost_priming < next[i], "subscriber {i}");
     }
+}
+
+/// A direct sink: a function the poller thread calls for each event. This one records the
+/// thread it runs on and forwards to a channel the test reads; it owns `guard`, whose drop the
+/// test awaits.
+fn direct_sink_for(
+    hub: &Hub,
+    cfg: SubscriberConfig,
+    panic_on_batch: bool,
+) -> (
+    Sink,
+    kv_events::SubscriptionId,
+    oneshot::Receiver<()>,
+    Arc<AtomicBool>,
+) {
+    let (tx, rx) = mpsc::channel(1024);
+    let (guard, dropped) = oneshot::channel::<()>();
+    let off_thread = Arc::new(AtomicBool::new(false));
+    let off = off_thread.clone();
+    let f = move |ev: SubscriberEvent| {
+        let _owned = &guard;
+        if std::thread::current().name() != Some("kv-events-poller") {
+            off.store(true, Relaxed);
+        }
+        if panic_on_batch && matches!(ev, SubscriberEvent::Delivery(Delivery::Batch(..))) {
+            panic!("a consumer bug");
+        }
+        match tx.try_send(ev) {
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                panic!("the test reads as fast as it publishes")
+            }
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {} // the test has ended
+        }
+    };
+    let s = hub.subscribe(cfg, kv_events::Sink::Direct(Box::new(f)));
+    let sink = Sink {
+        rx,
+        seen: Vec::new(),
+        counters: s.counters,
+    };
+    (sink, s.id, dropped, off_thread)
+}
+
+/// Events reach a direct sink on the poller thread, in order and with a gap repaired as for a
+/// channel; after `unsubscribe` it gets `State(Stopped)` last and is then dropped (so a
+/// consumer that awaits the drop knows nothing more will come).
+#[tokio::test]
+async fn a_direct_sink_is_called_on_the_poller_thread_in_order_then_dropped_on_unsubscribe() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let cfg = SubscriberConfig::new("direct", p.endpoint()).replay(p.replay_endpoint());
+    let (mut s, id, dropped, off_thread) = direct_sink_for(&hub, cfg, false);
+    s.live().await;
+    let n = prime(&mut p, &mut s, 0).await;
+    p.skip(n, &payload(n)); // lost on the wire, kept in the replay buffer
+    p.send(n + 1, &payload(n + 1));
+    s.until("repaired gap", |e| {
+        matches!(
+            e,
+            SubscriberEvent::Delivery(Delivery::Gap { repaired: true, .. })
+        )
+    })
+    .await;
+    p.send(n + 2, &payload(n + 2));
+    s.have_batch(n + 2).await;
+    assert_eq!(s.batches(), (0..n + 3).collect::<Vec<_>>());
+    assert_eq!(s.gaps(), vec![(n, n, true)]);
+    hub.unsubscribe(id);
+    s.until("Stopped", |e| {
+        *e == SubscriberEvent::State(SubscriberState::Stopped)
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(20), dropped)
+        .await
+        .expect("the sink is dropped after Stopped")
+        .expect_err("dropped, never sent on");
+    assert!(s.rx.recv().await.is_none(), "nothing after Stopped");
+    assert!(!off_thread.load(Relaxed), "called off the poller thread");
+    subscriptions_become(&hub, 0).await;
+}
+
+async fn subscriptions_become(hub: &Hub, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while hub.subscriptions() != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} subscriptions, not {n}",
+            hub.subscriptions()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A direct sink that panics loses its own subscription (and is dropped); the poller thread
+/// and the hub's other subscribers go on.
+#[tokio::test]
+async fn a_panicking_direct_sink_stops_only_its_own_subscription() {
+    let hub = Hub::start().expect("hub");
+    let mut bad_pub = Publisher::start(&[]);
+    let mut good_pub = Publisher::start(&[]);
+    let (_bad, _, mut bad_dropped, _) = direct_sink_for(
+        &hub,
+        SubscriberConfig::new("panics", bad_pub.endpoint()),
+        true,
+    );
+    let (mut good, _, _good_dropped, _) = direct_sink_for(
+        &hub,
+        SubscriberConfig::new("good", good_pub.endpoint()),
+        false,
+    );
+    let mut next = prime(&mut good_pub, &mut good, 0).await;
+    // Publish until the panicking sink has met a batch (its SUB joins at some point).
+    let mut seq = 0;
+    loop {
+        bad_pub.send(seq, &payload(seq));
+        seq += 1;
+        match tokio::time::timeout(Duration::from_millis(100), &mut bad_dropped).await {
+            Ok(r) => {
+                r.expect_err("dropped, never sent on");
+                break;
+            }
+            Err(_) => assert!(seq < 200, "the panicking sink never got a batch"),
+        }
+    }
+    subscriptions_become(&hub, 1).await;
+    for _ in 0..3 {
+        good_pub.send(next, &payload(next));
+        next += 1;
+    }
+    good.have_batch(next - 1).await;
+    // From the batch that proved the subscription on (those before it met no SUB yet).
+    let got = good.batches();
+    assert_eq!(got, (got[0]..next).collect::<Vec<_>>());
 }

@@ -1,8 +1,8 @@
 //! End to end: simulated engines (real PUB/ROUTER sockets) → the `kvsync serve` binary
 //! (subscribers, manager, index). Three runs, each against a fresh service:
 //!
-//! 1. idle: `E2E_PACED_ENGINES` engines (default 64) publish nothing for 5 s — the service's
-//!    fixed cost (polling, heartbeats);
+//! 1. idle: `E2E_PACED_ENGINES` engines (default 64) publish nothing for `E2E_IDLE_S` seconds
+//!    (default 5) — the service's fixed cost (polling, heartbeats);
 //! 2. paced: the same engines publish `E2E_PACED_BLOCKS_S` blocks/s in total (default 12 800)
 //!    for 10 s — the service's CPU share at a steady fleet-wide event rate;
 //! 3. saturation: `E2E_SAT_ENGINES` engines (default 16) publish as fast as this process can
@@ -79,8 +79,9 @@ async fn idle_and_paced(engines: usize, rate: u64) -> Result<(f64, f64, u64)> {
     let svc = start(&fleet, "paced").await?;
     warm(&fleet, &svc).await?;
     let c0 = svc.cpu_seconds()?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle_pct = 100.0 * (svc.cpu_seconds()? - c0) / 5.0;
+    let idle_s = env("E2E_IDLE_S", 5).max(1);
+    tokio::time::sleep(Duration::from_secs(idle_s)).await;
+    let idle_pct = 100.0 * (svc.cpu_seconds()? - c0) / idle_s as f64;
 
     // Prompts of 512 tokens (32 blocks, one batch), round robin over the engines, evenly
     // spaced; pools of 4096 blocks fill and then evict (removals count as blocks too).

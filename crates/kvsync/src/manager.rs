@@ -6,8 +6,11 @@
 //!                              │ new incarnation: stop the old run, start one task per rank
 //!                              ▼
 //!  worker task (pod, rank): wait for the previous task of that worker ─▶ per-pod backoff
-//!      ─▶ hub.subscribe ─▶ apply batches in order; Gap{lost} / Restarted ─▶ clear the worker
-//!      ─▶ on stop: unsubscribe, then every block of the worker leaves the index at once
+//!      ─▶ hub.subscribe(Feed) ─▶ wait for the stop
+//!      ─▶ on stop: unsubscribe, wait until the hub has dropped the feed, then every block of
+//!         the worker leaves the index at once
+//!  Feed, on the hub's poller thread: apply batches in order as they are decoded;
+//!      Gap{lost} / Restarted ─▶ clear the worker; bad input counted, logged once per interval
 //! ```
 //!
 //! The pod event path never waits on a socket: subscribing returns at once and each run lives
@@ -16,7 +19,7 @@
 use crate::pods::{self, PodInfo, Target};
 use crate::source::{PodEvent, PodStream};
 use futures::StreamExt;
-use kv_events::{Backoff, Delivery, Hub, SubscriberConfig, SubscriberEvent};
+use kv_events::{Backoff, Delivery, Hub, Sink, SubscriberConfig, SubscriberEvent};
 use prefix_index::{Index, Source, WorkerId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -35,8 +38,6 @@ pub struct ManagerConfig {
     /// Delay before subscribing to a pod that changed incarnation again within `churn_window`.
     pub churn_backoff: Backoff,
     pub churn_window: Duration,
-    /// Capacity of each subscriber's channel.
-    pub sink_capacity: usize,
     /// Bad input is logged at most once per worker per this interval (and always counted).
     pub log_interval: Duration,
 }
@@ -53,7 +54,6 @@ impl Default for ManagerConfig {
                 factor: 2.0,
             },
             churn_window: Duration::from_secs(30),
-            sink_capacity: 1024,
             log_interval: Duration::from_secs(10),
         }
     }
@@ -386,7 +386,6 @@ impl Manager {
             index: self.index.clone(),
             stats: self.stats.clone(),
             log_interval: self.cfg.log_interval,
-            capacity: self.cfg.sink_capacity,
         };
         self.tracker.spawn(w.run(hub, sub, lock, delay, cancel));
     }
@@ -401,7 +400,6 @@ struct WorkerTask {
     index: Arc<Index>,
     stats: Arc<ManagerStats>,
     log_interval: Duration,
-    capacity: usize,
 }
 
 impl WorkerTask {
@@ -444,88 +442,125 @@ impl WorkerTask {
     }
 
     async fn subscribed(&self, hub: &Hub, sub: SubscriberConfig, cancel: &CancellationToken) {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(self.capacity);
-        let s = hub.subscribe(sub, tx);
+        let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
+        let mut feed = Feed {
+            worker: self.worker.clone(),
+            model: self.model.clone(),
+            lora: self.lora.clone(),
+            index: self.index.clone(),
+            stats: self.stats.clone(),
+            info: self.info.clone(),
+            log_interval: self.log_interval,
+            last_log: None,
+            unlogged: 0,
+            _done: done_tx,
+        };
+        let s = hub.subscribe(sub, Sink::Direct(Box::new(move |ev| feed.handle(ev))));
         let _ = self.info.counters.set(s.counters.clone());
         self.stats.subscriptions_started.fetch_add(1, Relaxed);
-        let source = Source {
-            model: &self.model,
-            default_lora: self.lora.as_deref(),
+        let hub_stopped = tokio::select! {
+            () = cancel.cancelled() => false,
+            _ = &mut done => true,
         };
-        let mut last_log: Option<Instant> = None;
-        let mut unlogged = 0u64;
-        loop {
-            let ev = tokio::select! {
-                ev = rx.recv() => ev,
-                () = cancel.cancelled() => break,
-            };
-            let Some(ev) = ev else { break };
-            let bad = match ev {
-                SubscriberEvent::Delivery(Delivery::Batch(_, batch)) => {
-                    for e in &batch.events {
-                        let a = self.index.apply(&self.worker, source, e);
-                        if a.rejected.is_some() {
-                            self.stats.events_rejected.fetch_add(1, Relaxed);
-                        } else {
-                            self.stats.events_applied.fetch_add(1, Relaxed);
-                        }
+        if !hub_stopped {
+            hub.unsubscribe(s.id);
+            // The poller drops the feed after its last event: from here on nothing of this
+            // worker is applied, so the caller's `remove_worker` is final.
+            let _ = done.await;
+        }
+    }
+}
+
+/// One worker's events, handled on the hub's poller thread as they are decoded (a direct
+/// sink: no channel and no wake-up of a tokio worker per batch; the apply is short and never
+/// blocks).
+struct Feed {
+    worker: WorkerId,
+    model: String,
+    lora: Option<String>,
+    index: Arc<Index>,
+    stats: Arc<ManagerStats>,
+    info: Arc<WorkerInfo>,
+    log_interval: Duration,
+    last_log: Option<Instant>,
+    unlogged: u64,
+    /// Dropped with the feed, which tells the worker task that no event will come any more.
+    _done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Feed {
+    fn handle(&mut self, ev: SubscriberEvent) {
+        let bad = match ev {
+            SubscriberEvent::Delivery(Delivery::Batch(_, batch)) => {
+                let source = Source {
+                    model: &self.model,
+                    default_lora: self.lora.as_deref(),
+                };
+                for e in &batch.events {
+                    let a = self.index.apply(&self.worker, source, e);
+                    if a.rejected.is_some() {
+                        self.stats.events_rejected.fetch_add(1, Relaxed);
+                    } else {
+                        self.stats.events_applied.fetch_add(1, Relaxed);
                     }
-                    self.stats.batches_applied.fetch_add(1, Relaxed);
-                    self.info.last_ts.store(batch.ts.to_bits(), Relaxed);
-                    let now = unix_seconds();
-                    if batch.ts > 0.0 {
-                        self.stats.apply_lag.0.observe((now - batch.ts).max(0.0));
-                    }
-                    None
                 }
-                SubscriberEvent::Delivery(Delivery::Gap {
-                    from,
-                    to,
-                    repaired: true,
-                }) => {
-                    self.stats.gaps_repaired.fetch_add(1, Relaxed);
-                    tracing::debug!(worker = ?self.worker, from, to, "gap repaired by replay");
-                    None
+                self.stats.batches_applied.fetch_add(1, Relaxed);
+                self.info.last_ts.store(batch.ts.to_bits(), Relaxed);
+                let now = unix_seconds();
+                if batch.ts > 0.0 {
+                    self.stats.apply_lag.0.observe((now - batch.ts).max(0.0));
                 }
-                SubscriberEvent::Delivery(Delivery::Gap { from, to, .. }) => {
-                    self.stats.batches_lost.fetch_add(to - from + 1, Relaxed);
-                    self.reset(&format!("batches {from}..={to} lost"));
-                    None
-                }
-                SubscriberEvent::Delivery(Delivery::Restarted { last, seq }) => {
-                    self.stats.restarts.fetch_add(1, Relaxed);
-                    self.reset(&format!("engine restarted (seq {last} -> {seq})"));
-                    None
-                }
-                SubscriberEvent::Delivery(Delivery::Malformed { seq, error }) => {
-                    self.stats.malformed.fetch_add(1, Relaxed);
-                    Some(format!("batch {seq} does not decode: {error}"))
-                }
-                SubscriberEvent::BadFrame(e) => {
-                    self.stats.bad_frames.fetch_add(1, Relaxed);
-                    Some(format!("bad frame: {e}"))
-                }
-                SubscriberEvent::RankMismatch { seq, got } => {
-                    self.stats.events_rejected.fetch_add(1, Relaxed);
-                    Some(format!("batch {seq} carries data_parallel_rank {got}"))
-                }
-                SubscriberEvent::Connected
-                | SubscriberEvent::Disconnected
-                | SubscriberEvent::State(_) => None,
-            };
-            if let Some(msg) = bad {
-                // Counted always, logged once per worker per interval.
-                let now = Instant::now();
-                if last_log.is_none_or(|t| now.duration_since(t) >= self.log_interval) {
-                    tracing::warn!(worker = ?self.worker, skipped_since_last_log = unlogged, "{msg}");
-                    last_log = Some(now);
-                    unlogged = 0;
-                } else {
-                    unlogged += 1;
-                }
+                None
+            }
+            SubscriberEvent::Delivery(Delivery::Gap {
+                from,
+                to,
+                repaired: true,
+            }) => {
+                self.stats.gaps_repaired.fetch_add(1, Relaxed);
+                tracing::debug!(worker = ?self.worker, from, to, "gap repaired by replay");
+                None
+            }
+            SubscriberEvent::Delivery(Delivery::Gap { from, to, .. }) => {
+                self.stats.batches_lost.fetch_add(to - from + 1, Relaxed);
+                self.reset(&format!("batches {from}..={to} lost"));
+                None
+            }
+            SubscriberEvent::Delivery(Delivery::Restarted { last, seq }) => {
+                self.stats.restarts.fetch_add(1, Relaxed);
+                self.reset(&format!("engine restarted (seq {last} -> {seq})"));
+                None
+            }
+            SubscriberEvent::Delivery(Delivery::Malformed { seq, error }) => {
+                self.stats.malformed.fetch_add(1, Relaxed);
+                Some(format!("batch {seq} does not decode: {error}"))
+            }
+            SubscriberEvent::BadFrame(e) => {
+                self.stats.bad_frames.fetch_add(1, Relaxed);
+                Some(format!("bad frame: {e}"))
+            }
+            SubscriberEvent::RankMismatch { seq, got } => {
+                self.stats.events_rejected.fetch_add(1, Relaxed);
+                Some(format!("batch {seq} carries data_parallel_rank {got}"))
+            }
+            SubscriberEvent::Connected
+            | SubscriberEvent::Disconnected
+            | SubscriberEvent::State(_) => None,
+        };
+        if let Some(msg) = bad {
+            // Counted always, logged once per worker per interval.
+            let now = Instant::now();
+            if self
+                .last_log
+                .is_none_or(|t| now.duration_since(t) >= self.log_interval)
+            {
+                tracing::warn!(worker = ?self.worker, skipped_since_last_log = self.unlogged, "{msg}");
+                self.last_log = Some(now);
+                self.unlogged = 0;
+            } else {
+                self.unlogged += 1;
             }
         }
-        hub.unsubscribe(s.id);
     }
 
     /// After lost batches or an engine restart, what the worker held is unknown: drop it.
