@@ -315,7 +315,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
                         model: "llama".into(),
                         lora: None,
                         port: 5557,
-                        replay_port: 5558,
+                        replay_port: Some(5558),
                         dp_size: 1,
                         topic: String::new(),
                     }),

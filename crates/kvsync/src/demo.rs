@@ -378,9 +378,9 @@ impl Fleet {
 
 /// One list item of a pod file.
 pub fn pod_yaml(name: &str, pub_port: u16, replay_port: Option<u16>) -> String {
-    let replay = replay_port.map_or(String::new(), |p| {
-        format!("      model.aibrix.ai/kv-events-replay-port: \"{p}\"\n")
-    });
+    // An engine without a replay socket is announced as such (not left to the default port).
+    let replay = replay_port.map_or("none".to_owned(), |p| p.to_string());
+    let replay = format!("      model.aibrix.ai/kv-events-replay-port: \"{replay}\"\n");
     format!(
         "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {name}\n    namespace: {NAMESPACE}\n    uid: {name}-uid\n    labels:\n      model.aibrix.ai/kv-events-enabled: \"true\"\n      model.aibrix.ai/name: {MODEL}\n    annotations:\n      model.aibrix.ai/kv-events-port: \"{pub_port}\"\n{replay}  status:\n    phase: Running\n    podIP: 127.0.0.1\n    conditions:\n    - type: Ready\n      status: \"True\"\n"
     )

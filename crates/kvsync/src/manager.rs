@@ -368,8 +368,8 @@ impl Manager {
             .entry(rank)
             .or_default()
             .clone();
-        let mut sub = SubscriberConfig::new(format!("{key} rank {rank}"), t.endpoint(rank))
-            .replay(t.replay_endpoint(rank));
+        let mut sub = SubscriberConfig::new(format!("{key} rank {rank}"), t.endpoint(rank));
+        sub.replay_endpoint = t.replay_endpoint(rank);
         sub.topic = t.topic.clone().into_bytes();
         sub.dp_rank = Some(rank);
         sub.replay_timeout = self.cfg.replay_timeout;

@@ -53,7 +53,10 @@ pub struct Target {
     pub model: String,
     pub lora: Option<String>,
     pub port: u16,
-    pub replay_port: u16,
+    /// None: the engine has no replay socket (annotation value `none`; vLLM's default when
+    /// `replay_endpoint` is not configured): gaps are reported at once instead of after a
+    /// replay request times out.
+    pub replay_port: Option<u16>,
     pub dp_size: u32,
     pub topic: String,
 }
@@ -63,12 +66,9 @@ impl Target {
         format!("tcp://{}:{}", host(&self.ip), u32::from(self.port) + rank)
     }
 
-    pub fn replay_endpoint(&self, rank: u32) -> String {
-        format!(
-            "tcp://{}:{}",
-            host(&self.ip),
-            u32::from(self.replay_port) + rank
-        )
+    pub fn replay_endpoint(&self, rank: u32) -> Option<String> {
+        let p = self.replay_port?;
+        Some(format!("tcp://{}:{}", host(&self.ip), u32::from(p) + rank))
     }
 }
 
@@ -166,7 +166,10 @@ fn target(pod: &Pod) -> Result<Target, Ineligible> {
         }
     };
     let pub_port = port(ANN_PORT, DEFAULT_PORT)?;
-    let replay_port = port(ANN_REPLAY_PORT, DEFAULT_REPLAY_PORT)?;
+    let replay_port = match annotation(ANN_REPLAY_PORT) {
+        Some(v) if v.eq_ignore_ascii_case("none") => None,
+        _ => Some(port(ANN_REPLAY_PORT, DEFAULT_REPLAY_PORT)?),
+    };
     let dp_size = match annotation(ANN_DP_SIZE) {
         None => 1,
         Some(v) => v
@@ -178,13 +181,14 @@ fn target(pod: &Pod) -> Result<Target, Ineligible> {
             })?,
     };
     // Rank r uses port + r and replay port + r: the two ranges must not meet or overflow.
-    let (p0, r0) = (u32::from(pub_port), u32::from(replay_port));
-    if p0 + dp_size > 65_536 || r0 + dp_size > 65_536 {
+    let p0 = u32::from(pub_port);
+    let r0 = replay_port.map(u32::from);
+    if p0 + dp_size > 65_536 || r0.is_some_and(|r0| r0 + dp_size > 65_536) {
         return Err(Ineligible::BadAnnotation(format!(
             "ports + data-parallel-size {dp_size} exceed 65535"
         )));
     }
-    if p0 < r0 + dp_size && r0 < p0 + dp_size {
+    if let Some(r0) = r0.filter(|&r0| p0 < r0 + dp_size && r0 < p0 + dp_size) {
         return Err(Ineligible::BadAnnotation(format!(
             "port range {p0}..{} and replay range {r0}..{} overlap",
             p0 + dp_size,
@@ -285,7 +289,7 @@ status:
         assert_eq!(i.restarts, 2);
         let t = i.target.expect("eligible");
         assert_eq!(t.endpoint(0), "tcp://10.0.0.7:5557");
-        assert_eq!(t.replay_endpoint(1), "tcp://10.0.0.7:5559");
+        assert_eq!(t.replay_endpoint(1).as_deref(), Some("tcp://10.0.0.7:5559"));
         assert_eq!(
             (t.model.as_str(), t.lora.as_deref(), t.dp_size),
             ("llama", None, 1)
@@ -342,8 +346,17 @@ status:
         .expect("eligible");
         assert_eq!(
             (t.port, t.replay_port, t.dp_size, t.topic.as_str()),
-            (6000, 7000, 2, "kv")
+            (6000, Some(7000), 2, "kv")
         );
+        assert_eq!(t.replay_endpoint(1).as_deref(), Some("tcp://10.0.0.7:7001"));
+        // An engine without a replay socket.
+        let none = info(&pod(&with(
+            "    model.aibrix.ai/kv-events-replay-port: \"None\"\n    model.aibrix.ai/data-parallel-size: \"2\"",
+        )))
+        .target
+        .expect("eligible");
+        assert_eq!((none.replay_port, none.replay_endpoint(0)), (None, None));
+        assert_eq!(none.endpoint(1), "tcp://10.0.0.7:5558");
         assert_eq!(t.endpoint(1), "tcp://10.0.0.7:6001");
         // Ranges 5557..5559 and 5558..5560 overlap.
         let bad = info(&pod(&with("    model.aibrix.ai/data-parallel-size: \"2\""))).target;

@@ -213,7 +213,7 @@ fn the_example_vllm_pods_are_eligible_and_publish_where_kvsync_listens() {
     assert_eq!(port_of(ep), target.port);
     assert_eq!(
         port_of(cfg["replay_endpoint"].as_str().expect("replay on")),
-        target.replay_port
+        target.replay_port.expect("replay port")
     );
     assert_eq!(
         target.model,

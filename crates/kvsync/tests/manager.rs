@@ -529,3 +529,41 @@ async fn container_restart_is_a_new_incarnation_and_a_crash_loop_is_backed_off()
     assert_eq!(f.stats.workers_running.load(Relaxed), 1);
     f.stop().await;
 }
+
+/// An engine without a replay socket (replay-port annotation `none`, as for vLLM run without
+/// `replay_endpoint`) is never asked to replay, and a gap clears its worker at once (nothing
+/// could repair it) rather than after a replay request times out. With an hour-long replay
+/// timeout, a single replay request would stall this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_without_a_replay_socket_is_never_asked_to_replay() {
+    let f = Fixture::start(ManagerConfig {
+        replay_timeout: Duration::from_secs(3600),
+        ..test_config()
+    })
+    .await;
+    let mut p = Publisher::start(&[]);
+    let none = json!({"annotations": {"model.aibrix.ai/kv-events-replay-port": "none"}});
+    let ports = (p.pub_port, p.replay_port);
+    f.api.apply(pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.1",
+        "Running",
+        true,
+        ports,
+        none,
+    ));
+    let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
+    p.skip(seq, &stored(seq, 0)); // lost on the wire
+    p.send(seq + 1, &stored(seq + 1, 0));
+    eventually("the gap cleared the worker", || {
+        f.stats.resets.load(Relaxed) == 1
+    })
+    .await;
+    assert_eq!(f.stats.batches_lost.load(Relaxed), 1);
+    // The batch after the gap is applied after the reset.
+    eventually("the next batch applied", || f.held_by("ml/vllm-0", 0) == 1).await;
+    p.send(seq + 2, &stored(seq + 2, 0)); // reads any replay request logged meanwhile
+    assert!(p.replays.is_empty(), "replays requested: {:?}", p.replays);
+    f.stop().await;
+}
