@@ -67,6 +67,16 @@ impl Sink {
         }
     }
 
+    async fn repaired_gap(&mut self) {
+        self.until("repaired gap", |e| {
+            matches!(
+                e,
+                SubscriberEvent::Delivery(Delivery::Gap { repaired: true, .. })
+            )
+        })
+        .await;
+    }
+
     async fn live(&mut self) {
         self.until("Live", |e| {
             *e == SubscriberEvent::State(SubscriberState::Live)
@@ -175,13 +185,7 @@ async fn skipped_range_is_repaired_from_replay() {
     p.skip(n, &payload(n)); // lost on the wire, kept in the replay buffer
     p.skip(n + 1, &payload(n + 1));
     p.send(n + 2, &payload(n + 2));
-    s.until("repaired gap", |e| {
-        matches!(
-            e,
-            SubscriberEvent::Delivery(Delivery::Gap { repaired: true, .. })
-        )
-    })
-    .await;
+    s.repaired_gap().await;
     p.send(n + 3, &payload(n + 3));
     s.batch(n + 3).await;
     assert_eq!(s.batches(), (0..n + 4).collect::<Vec<u64>>());
@@ -552,13 +556,7 @@ async fn a_direct_sink_is_called_on_the_poller_thread_in_order_then_dropped_on_u
     let n = prime(&mut p, &mut s, 0).await;
     p.skip(n, &payload(n)); // lost on the wire, kept in the replay buffer
     p.send(n + 1, &payload(n + 1));
-    s.until("repaired gap", |e| {
-        matches!(
-            e,
-            SubscriberEvent::Delivery(Delivery::Gap { repaired: true, .. })
-        )
-    })
-    .await;
+    s.repaired_gap().await;
     p.send(n + 2, &payload(n + 2));
     s.have_batch(n + 2).await;
     assert_eq!(s.batches(), (0..n + 3).collect::<Vec<_>>());

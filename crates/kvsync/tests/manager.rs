@@ -68,7 +68,18 @@ fn pod(
 
 /// A Running, Ready pod with no extra labels or annotations.
 fn ready_pod(name: &str, uid: &str, ip: &str, ports: (u16, u16)) -> Pod {
-    pod(name, uid, ip, "Running", true, ports, json!({}))
+    ready_pod_with(name, uid, ip, ports, json!({}))
+}
+
+/// A Running, Ready pod with extra labels or annotations.
+fn ready_pod_with(
+    name: &str,
+    uid: &str,
+    ip: &str,
+    ports: (u16, u16),
+    extra: serde_json::Value,
+) -> Pod {
+    pod(name, uid, ip, "Running", true, ports, extra)
 }
 
 fn stored(seq: u64, rank: u32) -> Vec<u8> {
@@ -213,12 +224,10 @@ async fn subscribed_exactly_once_and_only_when_ready() {
     f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.1", ports));
     eventually("subscribed", || started() == 1).await;
     // The same pod again (a status update that changes nothing kvsync uses).
-    f.api.apply(pod(
+    f.api.apply(ready_pod_with(
         "vllm-0",
         "u1",
         "127.0.0.1",
-        "Running",
-        true,
         ports,
         json!({"labels": {"team": "a"}}),
     ));
@@ -276,12 +285,10 @@ async fn label_removed_deleted_and_watch_cuts_leave_no_duplicate_or_leak() {
     assert_eq!(running(), 4);
 
     // Label removed: the server-side selector turns it into a DELETED event.
-    f.api.apply(pod(
+    f.api.apply(ready_pod_with(
         "a",
         "a",
         "127.0.0.1",
-        "Running",
-        true,
         ports,
         json!({"labels": {"model.aibrix.ai/kv-events-enabled": "false"}}),
     ));
@@ -339,12 +346,10 @@ async fn data_parallel_size_two_subscribes_ports_plus_zero_and_plus_one() {
         };
         break (p, r, a, b);
     };
-    f.api.apply(pod(
+    f.api.apply(ready_pod_with(
         "dp",
         "dp",
         "127.0.0.1",
-        "Running",
-        true,
         (base, rbase),
         json!({"annotations": {"model.aibrix.ai/data-parallel-size": "2"}}),
     ));
@@ -503,12 +508,10 @@ async fn container_restart_is_a_new_incarnation_and_a_crash_loop_is_backed_off()
     // The container restarts five times in a row: each is a new engine, whose blocks are
     // unknown; the re-subscriptions wait (1 s and more) and each waiting one is superseded.
     for restarts in 1..=5 {
-        f.api.apply(pod(
+        f.api.apply(ready_pod_with(
             "cl",
             "cl",
             "127.0.0.1",
-            "Running",
-            true,
             ports,
             json!({"restarts": restarts}),
         ));
@@ -544,15 +547,8 @@ async fn a_pod_without_a_replay_socket_is_never_asked_to_replay() {
     let mut p = Publisher::start(&[]);
     let none = json!({"annotations": {"model.aibrix.ai/kv-events-replay-port": "none"}});
     let ports = (p.pub_port, p.replay_port);
-    f.api.apply(pod(
-        "vllm-0",
-        "u1",
-        "127.0.0.1",
-        "Running",
-        true,
-        ports,
-        none,
-    ));
+    f.api
+        .apply(ready_pod_with("vllm-0", "u1", "127.0.0.1", ports, none));
     let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
     // Seqs published before the subscription was through count as lost too (no replay to
     // recover them): count from here.
