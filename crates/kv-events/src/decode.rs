@@ -193,15 +193,24 @@ impl<'a> Decoder<'a> {
         })
     }
 
-    fn kind_of(&mut self, tag: &str) -> Result<Kind> {
+    /// The event type named by a tag's bytes (an unknown tag must still be UTF-8).
+    fn kind_of(&mut self, tag: &[u8]) -> Result<Kind> {
         let (kind, name) = match tag {
-            "BlockStored" => (Kind::Stored, "BlockStored"),
-            "BlockRemoved" => (Kind::Removed, "BlockRemoved"),
-            "AllBlocksCleared" => (Kind::Cleared, "AllBlocksCleared"),
-            other => return Err(self.err(DecodeErrorKind::UnknownEventType(other.to_owned()))),
+            b"BlockStored" => (Kind::Stored, "BlockStored"),
+            b"BlockRemoved" => (Kind::Removed, "BlockRemoved"),
+            b"AllBlocksCleared" => (Kind::Cleared, "AllBlocksCleared"),
+            other => {
+                let other = self.utf8(other)?;
+                return Err(self.err(DecodeErrorKind::UnknownEventType(other.to_owned())));
+            }
         };
         self.event_type = Some(name);
         Ok(kind)
+    }
+
+    /// A string read by `str_bytes` that is kept or shown: it must be UTF-8.
+    fn utf8<'b>(&self, b: &'b [u8]) -> Result<&'b str> {
+        std::str::from_utf8(b).map_err(|_| self.err(DecodeErrorKind::Msgpack(ReadError::Utf8)))
     }
 
     fn event_value(&mut self) -> Result<Event> {
@@ -218,7 +227,7 @@ impl<'a> Decoder<'a> {
         if n == 0 {
             return Err(self.err(DecodeErrorKind::MissingTag));
         }
-        let tag = rd!(self, str)?;
+        let tag = rd!(self, str_bytes)?;
         let kind = self.kind_of(tag)?;
         let mut fields = FieldSet::new(kind);
         for idx in 0..n - 1 {
@@ -229,32 +238,45 @@ impl<'a> Decoder<'a> {
 
     fn map_event(&mut self) -> Result<Event> {
         let n = rd!(self, map_len)?;
-        // msgspec writes the tag first; anything else gets a look-ahead for it.
+        // msgspec writes the tag first: then the fields follow it. Anything else gets a
+        // look-ahead for the tag and is read again from its first key.
         let start = self.r.clone();
         let mut tag = None;
+        let mut first = true;
         for _ in 0..n {
-            let key = rd!(self, str)?;
-            if key == "type" {
-                tag = Some(rd!(self, str)?);
+            let key = rd!(self, str_bytes)?;
+            if key == b"type" {
+                tag = Some(rd!(self, str_bytes)?);
                 break;
             }
+            self.utf8(key)?;
             rd!(self, skip)?;
+            first = false;
         }
         let tag = tag.ok_or_else(|| self.err(DecodeErrorKind::MissingTag))?;
         let kind = self.kind_of(tag)?;
-        self.r = start;
+        let mut rest = n - 1;
+        if !first {
+            self.r = start;
+            rest = n;
+        }
         let mut fields = FieldSet::new(kind);
-        for _ in 0..n {
-            let key = rd!(self, str)?;
-            if key == "type" {
-                rd!(self, skip)?;
-                continue;
-            }
+        for _ in 0..rest {
+            // Keys compared as bytes: a known name is UTF-8 by construction; another key is
+            // checked before it is skipped.
+            let key = rd!(self, str_bytes)?;
             let idx = match fields.kind {
-                Kind::Stored => STORED_FIELDS.iter().position(|f| *f == key),
-                Kind::Removed => REMOVED_FIELDS.iter().position(|f| *f == key),
+                Kind::Stored => STORED_FIELDS.iter().position(|f| f.as_bytes() == key),
+                Kind::Removed => REMOVED_FIELDS.iter().position(|f| f.as_bytes() == key),
                 Kind::Cleared => None,
             };
+            if idx.is_none() {
+                self.utf8(key)?;
+                if key == b"type" {
+                    rd!(self, skip)?;
+                    continue;
+                }
+            }
             self.field(&mut fields, idx)?;
         }
         self.finish(fields)
@@ -377,7 +399,12 @@ impl<'a> Decoder<'a> {
     }
 
     fn medium(&mut self) -> Result<Medium> {
-        rd!(self, str).map(Medium::parse)
+        let b = rd!(self, str_bytes)?;
+        Ok(match b {
+            b"GPU" => Medium::Gpu,
+            b"CPU" => Medium::Cpu,
+            other => Medium::parse(self.utf8(other)?),
+        })
     }
 
     fn raw(&mut self) -> Result<Vec<u8>> {

@@ -303,6 +303,13 @@ impl<'a> Reader<'a> {
     /// A string, borrowed from the input.
     #[inline]
     pub fn str(&mut self) -> Result<&'a str, ReadError> {
+        let b = self.str_bytes()?;
+        std::str::from_utf8(b).map_err(|_| ReadError::Utf8)
+    }
+
+    /// A string's bytes, not checked for UTF-8: for comparing with known ASCII names (a match
+    /// is valid UTF-8 by construction; the caller checks what it keeps otherwise).
+    pub fn str_bytes(&mut self) -> Result<&'a [u8], ReadError> {
         let m = self.next()?;
         let n = match m {
             0xa0..=0xbf => usize::from(m & 0x1f),
@@ -314,8 +321,7 @@ impl<'a> Reader<'a> {
                 return self.type_err("str", m);
             }
         };
-        let b = self.take(n)?;
-        std::str::from_utf8(b).map_err(|_| ReadError::Utf8)
+        self.take(n)
     }
 
     /// A binary, borrowed from the input.
