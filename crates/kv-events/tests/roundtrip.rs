@@ -317,3 +317,50 @@ fn trailing_bytes_and_short_batches_are_errors() {
         DecodeErrorKind::HashTooLong(33)
     );
 }
+
+/// Keys, tags and media are compared as bytes; one that matches nothing must still be UTF-8
+/// (msgpack strings are), wherever it stands.
+#[test]
+fn invalid_utf8_in_a_key_a_tag_or_a_medium_is_an_error() {
+    let bad: &[u8] = &[0xa2, 0xff, 0xfe]; // a 2-byte str that is not UTF-8
+    let removed = |key_first: bool, tag: &[u8], medium: &[u8], extra_key: Option<&[u8]>| {
+        let mut ev = Vec::new();
+        write::map_len(&mut ev, 3 + usize::from(extra_key.is_some()), false);
+        let tag_entry = |ev: &mut Vec<u8>| {
+            write::str(ev, "type");
+            ev.extend_from_slice(tag);
+        };
+        if !key_first {
+            tag_entry(&mut ev);
+        }
+        if let Some(k) = extra_key {
+            ev.extend_from_slice(k);
+            write::uint(&mut ev, 1);
+        }
+        if key_first {
+            tag_entry(&mut ev);
+        }
+        write::str(&mut ev, "block_hashes");
+        write::array_len(&mut ev, 1, false);
+        write::uint(&mut ev, 9);
+        write::str(&mut ev, "medium");
+        ev.extend_from_slice(medium);
+        decode(&one_event_batch(&ev))
+    };
+    let mut tag = Vec::new();
+    write::str(&mut tag, "BlockRemoved");
+    let mut gpu = Vec::new();
+    write::str(&mut gpu, "GPU");
+    let utf8 = DecodeErrorKind::Msgpack(kv_events::msgpack::ReadError::Utf8);
+    for key_first in [false, true] {
+        assert!(removed(key_first, &tag, &gpu, None).is_ok());
+        assert_eq!(
+            removed(key_first, &tag, &gpu, Some(bad)).unwrap_err().kind,
+            utf8,
+            "an unknown key, tag first: {}",
+            !key_first
+        );
+        assert_eq!(removed(key_first, bad, &gpu, None).unwrap_err().kind, utf8);
+        assert_eq!(removed(key_first, &tag, bad, None).unwrap_err().kind, utf8);
+    }
+}
