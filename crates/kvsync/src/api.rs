@@ -610,6 +610,7 @@ async fn pods(State(s): State<Arc<AppState>>) -> Response {
                             json!({
                                 "dp_rank": r,
                                 "endpoint": t.endpoint(r),
+                                "replay_endpoint": t.replay_endpoint(r),
                                 "state": c.map(|c| format!("{:?}", c.state())),
                                 "last_seq": c.and_then(|c| c.next_seq.load(Relaxed).checked_sub(1)),
                                 "lag_seconds": (ts > 0.0).then_some(now - ts),

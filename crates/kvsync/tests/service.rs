@@ -363,6 +363,23 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
     assert!(value("kvsync_events_applied_total", None) >= 2.0);
     assert!(text.contains("kvsync_lookup_seconds_bucket"), "{text}");
 
+    // /v1/pods: where each rank is subscribed.
+    let pods = http.get_json("/v1/pods").await;
+    let w = pods["pods"]
+        .as_array()
+        .and_then(|p| p.iter().find(|x| x["pod"] == "ml/a"))
+        .map(|x| &x["workers"][0])
+        .expect("pod a");
+    assert_eq!(
+        (&w["endpoint"], &w["replay_endpoint"], &w["state"]),
+        (
+            &json!(format!("tcp://127.0.0.1:{}", a.pub_port)),
+            &json!(format!("tcp://127.0.0.1:{}", a.replay_port)),
+            &json!("Live")
+        ),
+        "{pods}"
+    );
+
     // /v1/models, /healthz, /readyz.
     let m = http.get_json("/v1/models").await;
     assert_eq!(m["models"][0]["model"], MODEL);
