@@ -158,7 +158,8 @@ fn pod_of(s: &AppState, model: &str) -> Option<String> {
 /// The request body, at most `MAX_BODY` bytes, within `timeout`. A longer one is a 413:
 /// read to its end first when it is no longer than `MAX_DRAIN`, so that a client which sends the
 /// whole body before reading (most do) gets the answer rather than a reset, and its connection
-/// stays usable; beyond that, the connection is closed.
+/// stays usable; beyond that, or when the client waits for `100 Continue`, it is refused
+/// before the body is sent and the connection closed.
 async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result<Bytes, Response> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -175,7 +176,13 @@ async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result
         }
         r
     };
-    if declared.is_some_and(|n| n > MAX_DRAIN as u64) {
+    // A client that waits for `100 Continue` has not sent the body: refuse it unread (hyper
+    // sends the 100 only once the body is read).
+    let waits = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let limit = if waits { MAX_BODY } else { MAX_DRAIN };
+    if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(true));
     }
     let mut body = body;

@@ -602,6 +602,22 @@ async fn oversized_and_stalled_bodies_are_answered_not_reset() {
     conn.read_to_end(&mut rest).await.expect("read to the end");
     assert!(rest.is_empty(), "nothing after the answer: {rest:?}");
 
+    // A client waiting for `100 Continue` with a length over the limit: refused unread.
+    let mut conn = connect().await.expect("connect");
+    conn.write_all(
+        format!(
+            "POST /v1/route HTTP/1.1\r\nhost: kvsync\r\nexpect: 100-continue\r\n\
+             content-length: {}\r\n\r\n",
+            api::MAX_BODY + 1
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, headers, body) = read_response(&mut conn).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(closes(&headers), "{headers:?}");
+
     // Half a body, then nothing: 408 once the body timeout passes, and closed.
     let mut conn = connect().await.expect("connect");
     conn.write_all(
