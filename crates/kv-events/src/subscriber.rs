@@ -769,8 +769,14 @@ impl Sub {
         self.outbox.push_back(ev);
     }
 
-    /// Sends what waits in the outbox; stops at a full channel.
+    /// Sends what waits in the outbox; stops at a full channel. Nothing reaches a closed
+    /// subscriber's sink (its consumer is gone or panicked; it is dropped before the next
+    /// sleep).
     fn flush(&mut self) {
+        if self.closed {
+            self.outbox.clear();
+            return;
+        }
         let tx = match &mut self.sink {
             Sink::Direct(f) => {
                 while let Some(ev) = self.outbox.pop_front() {
