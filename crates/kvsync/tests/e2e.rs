@@ -15,6 +15,11 @@ fn work_dir(name: &str) -> PathBuf {
     d
 }
 
+/// A passing test's work dir goes (a failing one keeps its logs: the panic skips this).
+fn passed(name: &str) {
+    let _ = std::fs::remove_dir_all(work_dir(name));
+}
+
 /// kvsync serving `fleet` (KV sync on, one replica).
 async fn service(fleet: &Fleet, name: &str, tok: SocketAddr) -> Service {
     let dir = work_dir(name);
@@ -146,6 +151,7 @@ async fn routing_on_events_beats_round_robin() {
         last.starts_with("demo kvsync_hit=") && last.contains(" index_bytes="),
         "{last}"
     );
+    passed("demo");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,6 +230,7 @@ async fn a_restarted_engine_is_reset_and_relearned_and_text_routes_like_tokens()
     assert!(counter(&svc, "kvsync_engine_restarts_total").await > restarts);
     svc.stop().await.expect("clean stop");
     tok.stop().await;
+    passed("restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,4 +268,5 @@ async fn a_dropped_batch_is_repaired_by_replay() {
     );
     svc.stop().await.expect("clean stop");
     tok.stop().await;
+    passed("drop");
 }

@@ -144,6 +144,13 @@ fn options(pods_file: std::path::PathBuf) -> Options {
     }
 }
 
+/// A passing test's pod file goes with its directory (the panic of a failing one skips this).
+fn passed(file: &std::path::Path) {
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("kvsync-svc-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -200,7 +207,7 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
         "route",
         &format!("{}---\n{}", pod_yaml("a", &a), pod_yaml("b", &b)),
     );
-    let running = serve::start(config(true, tok_addr), options(file))
+    let running = serve::start(config(true, tok_addr), options(file.clone()))
         .await
         .expect("service");
     let http = Http::new(running.addr);
@@ -401,6 +408,7 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
 
     let tracker = running.tracker.clone();
     running.stop().await.expect("clean stop");
+    passed(&file);
     assert_eq!(tracker.len(), 0, "no task left running");
     assert!(
         tokio::net::TcpStream::connect(http.base.trim_start_matches("http://"))
@@ -434,7 +442,7 @@ async fn approximate_routing_when_kv_sync_is_off() {
         "approx",
         &format!("{}---\n{}", pod_yaml("a", &a), pod_yaml("b", &b)),
     );
-    let mut opts = options(file);
+    let mut opts = options(file.clone());
     opts.approx_block_size = 4;
     let (running, http) = start_listed(config(false, tok_addr), opts).await;
     let body = json!({"model": MODEL, "token_ids": (1..=12).collect::<Vec<u32>>()});
@@ -461,6 +469,7 @@ async fn approximate_routing_when_kv_sync_is_off() {
         "{pods}"
     );
     running.stop().await.expect("clean stop");
+    passed(&file);
 }
 
 /// With KV sync on, a decision counts for its prefix until the pod's events arrive
@@ -476,7 +485,7 @@ async fn recent_decisions_hold_a_new_prefix_on_one_pod_until_events_arrive() {
             &format!("routed-{}", ttl.as_secs()),
             &format!("{}---\n{}", pod_yaml("a", &a), pod_yaml("b", &b)),
         );
-        let mut opts = options(file);
+        let mut opts = options(file.clone());
         opts.routed_ttl = ttl;
         let (running, http) = start_listed(config(true, tok_addr), opts).await;
         let body = json!({"model": MODEL, "token_ids": (1..=48).collect::<Vec<u32>>()});
@@ -498,6 +507,7 @@ async fn recent_decisions_hold_a_new_prefix_on_one_pod_until_events_arrive() {
             assert_eq!(r2["selected"]["routed_blocks"], 0, "{r2}");
         }
         running.stop().await.expect("clean stop");
+        passed(&file);
     }
 }
 
@@ -551,7 +561,8 @@ async fn oversized_and_stalled_bodies_are_answered_not_reset() {
     use tokio::io::AsyncWriteExt;
     let (tok_addr, _tok) = tokenizer().await;
     let a = Publisher::start(&[]);
-    let mut opts = options(temp_file("bodies", &pod_yaml("a", &a)));
+    let file = temp_file("bodies", &pod_yaml("a", &a));
+    let mut opts = options(file.clone());
     opts.body_timeout = Duration::from_millis(300);
     let (running, _http) = start_listed(config(true, tok_addr), opts).await;
     let connect = || tokio::net::TcpStream::connect(running.addr);
@@ -634,4 +645,5 @@ async fn oversized_and_stalled_bodies_are_answered_not_reset() {
     assert!(closes(&headers), "{headers:?}");
 
     running.stop().await.expect("clean stop");
+    passed(&file);
 }
