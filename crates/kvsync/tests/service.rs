@@ -594,40 +594,32 @@ async fn oversized_and_stalled_bodies_are_answered_not_reset() {
     let (status, _, body) = read_response(&mut conn).await;
     assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
 
-    // Declared past MAX_DRAIN: answered from the headers alone, and closed.
-    let mut conn = connect().await.expect("connect");
-    conn.write_all(
-        format!(
-            "POST /v1/route HTTP/1.1\r\nhost: kvsync\r\ncontent-length: {}\r\n\r\n",
-            api::MAX_DRAIN + 1
+    // Refused from the headers alone, before any body is sent, and closed: a length declared
+    // past MAX_DRAIN, or past MAX_BODY from a client waiting for `100 Continue`.
+    for (expect, len) in [
+        ("", api::MAX_DRAIN + 1),
+        ("expect: 100-continue\r\n", api::MAX_BODY + 1),
+    ] {
+        let mut conn = connect().await.expect("connect");
+        conn.write_all(
+            format!(
+                "POST /v1/route HTTP/1.1\r\nhost: kvsync\r\n{expect}content-length: {len}\r\n\r\n"
+            )
+            .as_bytes(),
         )
-        .as_bytes(),
-    )
-    .await
-    .expect("write");
-    let (status, headers, body) = read_response(&mut conn).await;
-    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
-    assert!(closes(&headers), "{headers:?}");
-    let mut rest = Vec::new();
-    use tokio::io::AsyncReadExt;
-    conn.read_to_end(&mut rest).await.expect("read to the end");
-    assert!(rest.is_empty(), "nothing after the answer: {rest:?}");
-
-    // A client waiting for `100 Continue` with a length over the limit: refused unread.
-    let mut conn = connect().await.expect("connect");
-    conn.write_all(
-        format!(
-            "POST /v1/route HTTP/1.1\r\nhost: kvsync\r\nexpect: 100-continue\r\n\
-             content-length: {}\r\n\r\n",
-            api::MAX_BODY + 1
-        )
-        .as_bytes(),
-    )
-    .await
-    .expect("write");
-    let (status, headers, body) = read_response(&mut conn).await;
-    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
-    assert!(closes(&headers), "{headers:?}");
+        .await
+        .expect("write");
+        let (status, headers, body) = read_response(&mut conn).await;
+        assert_eq!(status, 413, "{expect}{}", String::from_utf8_lossy(&body));
+        assert!(closes(&headers), "{expect}{headers:?}");
+        let mut rest = Vec::new();
+        use tokio::io::AsyncReadExt;
+        conn.read_to_end(&mut rest).await.expect("read to the end");
+        assert!(
+            rest.is_empty(),
+            "{expect}nothing after the answer: {rest:?}"
+        );
+    }
 
     // Half a body, then nothing: 408 once the body timeout passes, and closed.
     let mut conn = connect().await.expect("connect");
