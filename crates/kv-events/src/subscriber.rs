@@ -784,9 +784,7 @@ impl Sub {
                     // thread and every other subscriber with it.
                     if std::panic::catch_unwind(AssertUnwindSafe(|| f(ev))).is_err() {
                         tracing::error!(subscriber = %self.cfg.name, "the sink panicked: subscriber stopped");
-                        self.outbox.clear();
-                        self.sockets = None;
-                        self.closed = true;
+                        self.consumer_gone();
                         return;
                     }
                 }
@@ -802,14 +800,19 @@ impl Sub {
                     return;
                 }
                 Err(tmpsc::error::TrySendError::Closed(_)) => {
-                    // The consumer is gone: nobody to deliver to.
-                    self.outbox.clear();
-                    self.sockets = None;
-                    self.closed = true;
+                    self.consumer_gone();
                     return;
                 }
             }
         }
+    }
+
+    /// Nobody to deliver to any more (the receiver was dropped, or the sink panicked): the
+    /// subscriber closes and is removed before the next sleep.
+    fn consumer_gone(&mut self) {
+        self.outbox.clear();
+        self.sockets = None;
+        self.closed = true;
     }
 
     fn disconnected(&mut self) {
