@@ -155,26 +155,38 @@ fn pod_of(s: &AppState, model: &str) -> Option<String> {
         .map(|t| t.ip.clone())
 }
 
+/// `r` with `Connection: close`: the server closes the connection after it (the rest of the
+/// request body is not read).
+fn closing(mut r: Response) -> Response {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 /// The request body, at most `MAX_BODY` bytes, within `timeout`. A longer one is a 413:
 /// read to its end first when it is no longer than `MAX_DRAIN`, so that a client which sends the
 /// whole body before reading (most do) gets the answer rather than a reset, and its connection
 /// stays usable; beyond that, or when the client waits for `100 Continue`, it is refused
 /// before the body is sent and the connection closed.
-async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result<Bytes, Response> {
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    timeout: Duration,
+) -> Result<Bytes, Response> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let too_large = |close: bool| {
-        let mut r = error(
+        let r = error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body over {MAX_BODY} bytes"),
         );
         if close {
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            closing(r)
+        } else {
+            r
         }
-        r
     };
     // A client that waits for `100 Continue` has not sent the body: refuse it unread (hyper
     // sends the 100 only once the body is read).
@@ -185,7 +197,6 @@ async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(true));
     }
-    let mut body = body;
     let mut kept = Vec::with_capacity(declared.map_or(0, |n| n.min(MAX_BODY as u64) as usize));
     let mut seen = 0usize;
     let read = async {
@@ -204,15 +215,10 @@ async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result
         Ok::<(), String>(())
     };
     match tokio::time::timeout(timeout, read).await {
-        Err(_) => {
-            let mut r = error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("request body not received within {timeout:?}"),
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            Err(r)
-        }
+        Err(_) => Err(closing(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not received within {timeout:?}"),
+        ))),
         Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, e)),
         Ok(Ok(())) if seen > MAX_DRAIN => Err(too_large(true)),
         Ok(Ok(())) if seen > MAX_BODY => Err(too_large(false)),
