@@ -387,7 +387,8 @@ impl Manager {
             stats: self.stats.clone(),
             log_interval: self.cfg.log_interval,
         };
-        self.tracker.spawn(w.run(hub, sub, lock, delay, cancel));
+        self.tracker
+            .spawn(Arc::new(w).run(hub, sub, lock, delay, cancel));
     }
 }
 
@@ -404,7 +405,7 @@ struct WorkerTask {
 
 impl WorkerTask {
     async fn run(
-        self,
+        self: Arc<Self>,
         hub: Arc<Hub>,
         sub: SubscriberConfig,
         lock: Arc<AsyncMutex<()>>,
@@ -441,16 +442,15 @@ impl WorkerTask {
         self.stats.workers_running.fetch_sub(1, Relaxed);
     }
 
-    async fn subscribed(&self, hub: &Hub, sub: SubscriberConfig, cancel: &CancellationToken) {
+    async fn subscribed(
+        self: &Arc<Self>,
+        hub: &Hub,
+        sub: SubscriberConfig,
+        cancel: &CancellationToken,
+    ) {
         let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
         let mut feed = Feed {
-            worker: self.worker.clone(),
-            model: self.model.clone(),
-            lora: self.lora.clone(),
-            index: self.index.clone(),
-            stats: self.stats.clone(),
-            info: self.info.clone(),
-            log_interval: self.log_interval,
+            w: self.clone(),
             last_log: None,
             unlogged: 0,
             _done: done_tx,
@@ -475,13 +475,8 @@ impl WorkerTask {
 /// sink: no channel and no wake-up of a tokio worker per batch; the apply is short and never
 /// blocks).
 struct Feed {
-    worker: WorkerId,
-    model: String,
-    lora: Option<String>,
-    index: Arc<Index>,
-    stats: Arc<ManagerStats>,
-    info: Arc<WorkerInfo>,
-    log_interval: Duration,
+    /// The worker whose events these are.
+    w: Arc<WorkerTask>,
     last_log: Option<Instant>,
     unlogged: u64,
     /// Dropped with the feed, which tells the worker task that no event will come any more.
@@ -493,22 +488,22 @@ impl Feed {
         let bad = match ev {
             SubscriberEvent::Delivery(Delivery::Batch(_, batch)) => {
                 let source = Source {
-                    model: &self.model,
-                    default_lora: self.lora.as_deref(),
+                    model: &self.w.model,
+                    default_lora: self.w.lora.as_deref(),
                 };
                 for e in &batch.events {
-                    let a = self.index.apply(&self.worker, source, e);
+                    let a = self.w.index.apply(&self.w.worker, source, e);
                     if a.rejected.is_some() {
-                        self.stats.events_rejected.fetch_add(1, Relaxed);
+                        self.w.stats.events_rejected.fetch_add(1, Relaxed);
                     } else {
-                        self.stats.events_applied.fetch_add(1, Relaxed);
+                        self.w.stats.events_applied.fetch_add(1, Relaxed);
                     }
                 }
-                self.stats.batches_applied.fetch_add(1, Relaxed);
-                self.info.last_ts.store(batch.ts.to_bits(), Relaxed);
+                self.w.stats.batches_applied.fetch_add(1, Relaxed);
+                self.w.info.last_ts.store(batch.ts.to_bits(), Relaxed);
                 let now = unix_seconds();
                 if batch.ts > 0.0 {
-                    self.stats.apply_lag.0.observe((now - batch.ts).max(0.0));
+                    self.w.stats.apply_lag.0.observe((now - batch.ts).max(0.0));
                 }
                 None
             }
@@ -517,30 +512,30 @@ impl Feed {
                 to,
                 repaired: true,
             }) => {
-                self.stats.gaps_repaired.fetch_add(1, Relaxed);
-                tracing::debug!(worker = ?self.worker, from, to, "gap repaired by replay");
+                self.w.stats.gaps_repaired.fetch_add(1, Relaxed);
+                tracing::debug!(worker = ?self.w.worker, from, to, "gap repaired by replay");
                 None
             }
             SubscriberEvent::Delivery(Delivery::Gap { from, to, .. }) => {
-                self.stats.batches_lost.fetch_add(to - from + 1, Relaxed);
+                self.w.stats.batches_lost.fetch_add(to - from + 1, Relaxed);
                 self.reset(&format!("batches {from}..={to} lost"));
                 None
             }
             SubscriberEvent::Delivery(Delivery::Restarted { last, seq }) => {
-                self.stats.restarts.fetch_add(1, Relaxed);
+                self.w.stats.restarts.fetch_add(1, Relaxed);
                 self.reset(&format!("engine restarted (seq {last} -> {seq})"));
                 None
             }
             SubscriberEvent::Delivery(Delivery::Malformed { seq, error }) => {
-                self.stats.malformed.fetch_add(1, Relaxed);
+                self.w.stats.malformed.fetch_add(1, Relaxed);
                 Some(format!("batch {seq} does not decode: {error}"))
             }
             SubscriberEvent::BadFrame(e) => {
-                self.stats.bad_frames.fetch_add(1, Relaxed);
+                self.w.stats.bad_frames.fetch_add(1, Relaxed);
                 Some(format!("bad frame: {e}"))
             }
             SubscriberEvent::RankMismatch { seq, got } => {
-                self.stats.events_rejected.fetch_add(1, Relaxed);
+                self.w.stats.events_rejected.fetch_add(1, Relaxed);
                 Some(format!("batch {seq} carries data_parallel_rank {got}"))
             }
             SubscriberEvent::Connected
@@ -552,9 +547,9 @@ impl Feed {
             let now = Instant::now();
             if self
                 .last_log
-                .is_none_or(|t| now.duration_since(t) >= self.log_interval)
+                .is_none_or(|t| now.duration_since(t) >= self.w.log_interval)
             {
-                tracing::warn!(worker = ?self.worker, skipped_since_last_log = self.unlogged, "{msg}");
+                tracing::warn!(worker = ?self.w.worker, skipped_since_last_log = self.unlogged, "{msg}");
                 self.last_log = Some(now);
                 self.unlogged = 0;
             } else {
@@ -565,8 +560,8 @@ impl Feed {
 
     /// After lost batches or an engine restart, what the worker held is unknown: drop it.
     fn reset(&self, why: &str) {
-        let n = self.index.clear_worker(&self.worker);
-        self.stats.resets.fetch_add(1, Relaxed);
-        tracing::warn!(worker = ?self.worker, cleared = n, "{why}: worker's blocks dropped");
+        let n = self.w.index.clear_worker(&self.w.worker);
+        self.w.stats.resets.fetch_add(1, Relaxed);
+        tracing::warn!(worker = ?self.w.worker, cleared = n, "{why}: worker's blocks dropped");
     }
 }
