@@ -1,5 +1,11 @@
-//! vLLM KV cache events: the typed events, a decoder for every wire shape vLLM 0.9–0.33 (and
-//! SGLang) publish, the ZeroMQ frame layouts, and an encoder that reproduces vLLM's bytes.
+//! vLLM KV cache events, the codec alone: the typed events, a decoder for every wire shape vLLM
+//! 0.9–0.33 (and SGLang) publish, the ZeroMQ frame layouts, and an encoder that reproduces
+//! vLLM's bytes. No sockets, no threads: the subscribers are the `kv-subscriber` crate.
+//!
+//! - `types`: [`Event`], [`EventBatch`], [`BlockHash`], [`Medium`];
+//! - `decode`: `&[u8]` → [`EventBatch`] for every shape; [`msgpack`]: the reader and writer;
+//! - `encode`: an [`EventBatch`] → the bytes a [`WireFormat`] (vLLM version) sends;
+//! - [`frames`]: live `[topic, seq, payload]` and replay reply layouts, the replay request.
 //!
 //! ```text
 //!  ZeroMQ frames ──frames::parse_live / parse_replay──▶ (seq, payload)
@@ -18,16 +24,9 @@ mod decode;
 mod encode;
 pub mod frames;
 pub mod msgpack;
-mod sequencer;
-mod subscriber;
 mod types;
 
 pub use decode::{decode, DecodeError, DecodeErrorKind};
 pub use encode::{encode, encode_into, Shape, WireFormat};
 pub use frames::{parse_live, parse_replay, FrameError, LiveMessage, ReplayMessage};
-pub use sequencer::{Action, Delivery, Sequencer};
-pub use subscriber::{
-    Backoff, Hub, HubError, Sink, SubscriberConfig, SubscriberCounters, SubscriberEvent,
-    SubscriberState, Subscription, SubscriptionId, SUBS_PER_CONTEXT,
-};
 pub use types::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, EventBatch, Medium};

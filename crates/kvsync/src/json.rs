@@ -3,7 +3,8 @@
 //! "lora_id","lora_name","medium","group_idx"}`; integer hashes are JSON integers, byte hashes
 //! `"0x…"` strings, absent fields `null`.
 
-use kv_events::{BlockHash, Delivery, Event, EventBatch, Medium};
+use kv_events::{BlockHash, Event, EventBatch, Medium};
+use kv_subscriber::Delivery;
 use serde_json::{json, Value};
 
 fn hash(h: &BlockHash) -> Value {

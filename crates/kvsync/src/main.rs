@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use kv_events::{Delivery, Hub, SubscriberConfig, SubscriberEvent};
+use kv_subscriber::{Delivery, Hub, SubscriberConfig, SubscriberEvent};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -19,7 +19,7 @@
 use crate::pods::{self, PodInfo, Target};
 use crate::source::{PodEvent, PodStream};
 use futures::StreamExt;
-use kv_events::{Backoff, Delivery, Hub, Sink, SubscriberConfig, SubscriberEvent};
+use kv_subscriber::{Backoff, Delivery, Hub, Sink, SubscriberConfig, SubscriberEvent};
 use prefix_index::{Index, Source, WorkerId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -104,7 +104,7 @@ impl Default for ApplyLag {
 #[derive(Debug, Default)]
 pub struct WorkerInfo {
     /// Its subscriber's counters, once subscribed.
-    pub counters: std::sync::OnceLock<Arc<kv_events::SubscriberCounters>>,
+    pub counters: std::sync::OnceLock<Arc<kv_subscriber::SubscriberCounters>>,
     /// `ts` of the last batch applied, as f64 bits (0: none yet).
     pub last_ts: AtomicU64,
 }

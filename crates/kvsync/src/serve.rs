@@ -10,7 +10,7 @@ use crate::metrics::Metrics;
 use crate::source;
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result};
-use kv_events::Hub;
+use kv_subscriber::Hub;
 use prefix_index::{Index, IndexConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -4,12 +4,13 @@
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
-#[path = "../../kv-events/tests/support/mod.rs"]
+#[path = "../../kv-subscriber/tests/support/mod.rs"]
 mod support;
 
 use apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::Pod;
-use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, Hub, WireFormat};
+use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
+use kv_subscriber::Hub;
 use kvsync::manager::{Manager, ManagerConfig, ManagerStats};
 use kvsync::source;
 use prefix_index::{Index, IndexConfig};
@@ -492,7 +493,7 @@ async fn static_pod_file_is_reread_when_it_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_restart_is_a_new_incarnation_and_a_crash_loop_is_backed_off() {
     let cfg = ManagerConfig {
-        churn_backoff: kv_events::Backoff {
+        churn_backoff: kv_subscriber::Backoff {
             start: Duration::from_secs(2),
             cap: Duration::from_secs(4),
             factor: 2.0,

@@ -1,7 +1,7 @@
 //! The service on port 0: real HTTP, a test tokenizer speaking vLLM's `/tokenize` schema, pods
 //! from a pod file whose subscribers are fed by real ZeroMQ publishers (pyzmq).
 
-#[path = "../../kv-events/tests/support/mod.rs"]
+#[path = "../../kv-subscriber/tests/support/mod.rs"]
 mod support;
 
 use axum::routing::post;

@@ -2,7 +2,7 @@
 //! sockets: every capture arrives complete and in order, exactly as the offline decode of the
 //! same capture (`kvsync capture`) prints it.
 
-#[path = "../../kv-events/tests/support/mod.rs"]
+#[path = "../../kv-subscriber/tests/support/mod.rs"]
 mod support;
 
 use std::process::Command;

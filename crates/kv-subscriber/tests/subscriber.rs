@@ -3,9 +3,9 @@
 
 mod support;
 
-use kv_events::{
-    encode, BlockHash, BlockStored, Delivery, Event, EventBatch, FrameError, Hub, SubscriberConfig,
-    SubscriberCounters, SubscriberEvent, SubscriberState, WireFormat,
+use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, FrameError, WireFormat};
+use kv_subscriber::{
+    Delivery, Hub, SubscriberConfig, SubscriberCounters, SubscriberEvent, SubscriberState,
 };
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -511,7 +511,7 @@ fn direct_sink_for(
     panic_on_batch: bool,
 ) -> (
     Sink,
-    kv_events::SubscriptionId,
+    kv_subscriber::SubscriptionId,
     oneshot::Receiver<()>,
     Arc<AtomicBool>,
 ) {
@@ -534,7 +534,7 @@ fn direct_sink_for(
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {} // the test has ended
         }
     };
-    let s = hub.subscribe(cfg, kv_events::Sink::Direct(Box::new(f)));
+    let s = hub.subscribe(cfg, kv_subscriber::Sink::Direct(Box::new(f)));
     let sink = Sink {
         rx,
         seen: Vec::new(),

@@ -28,8 +28,8 @@
 //!   first bytes, which carry the batch's timestamp); anything else — another batch under that
 //!   seq, a later first seq, no batch at all — is a restart, learnt again from 0.
 
-use crate::decode::{decode, DecodeError};
-use crate::types::EventBatch;
+use kv_events::EventBatch;
+use kv_events::{decode, DecodeError};
 use std::collections::VecDeque;
 
 /// What the consumer receives, in order.
@@ -393,7 +393,7 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::{encode, WireFormat};
+    use kv_events::{encode, WireFormat};
 
     fn payload(seq: u64) -> Vec<u8> {
         let b = EventBatch {

@@ -5,10 +5,8 @@
 
 mod support;
 
-use kv_events::{
-    encode, Delivery, EventBatch, Hub, SubscriberConfig, SubscriberEvent, SubscriberState,
-    WireFormat,
-};
+use kv_events::{encode, EventBatch, WireFormat};
+use kv_subscriber::{Delivery, Hub, SubscriberConfig, SubscriberEvent, SubscriberState};
 use std::time::Duration;
 use support::Publisher;
 use tokio::sync::mpsc;
@@ -105,9 +103,9 @@ async fn subscribers_256_keep_threads_and_descriptors_bounded() {
     assert_eq!(threads_hub, threads0 + 3, "poller + one libzmq context");
     assert_eq!(
         threads1,
-        threads_hub + 2 * (N.div_ceil(kv_events::SUBS_PER_CONTEXT) - 1),
+        threads_hub + 2 * (N.div_ceil(kv_subscriber::SUBS_PER_CONTEXT) - 1),
         "threads per {} subscribers",
-        kv_events::SUBS_PER_CONTEXT
+        kv_subscriber::SUBS_PER_CONTEXT
     );
     assert!(
         fds1 - fds0 <= 8 * N,

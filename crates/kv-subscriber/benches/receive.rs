@@ -3,13 +3,11 @@
 //! child process (this same binary), so the CPU figure is the subscriber side only: the poller
 //! thread, libzmq's I/O thread and the consumer.
 //!
-//! `cargo bench -p kv-events --bench receive` (env: RECEIVE_BATCHES, default 20000 batches of
+//! `cargo bench -p kv-subscriber --bench receive` (env: RECEIVE_BATCHES, default 20000 batches of
 //! 128 blocks × 16 tokens)
 
-use kv_events::{
-    encode, BlockHash, BlockStored, Delivery, Event, EventBatch, Hub, Medium, SubscriberConfig,
-    SubscriberEvent, WireFormat,
-};
+use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, Medium, WireFormat};
+use kv_subscriber::{Delivery, Hub, SubscriberConfig, SubscriberEvent};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
