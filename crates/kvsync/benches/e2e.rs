@@ -12,7 +12,7 @@
 //! same 2 cores as the service: at saturation they compete with it.
 
 use anyhow::{Context, Result};
-use kvsync::demo::{Fleet, Service};
+use kvsync_demo::{Fleet, Service};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -11,7 +11,7 @@
 //! `cargo bench -p kvsync --bench route` (env: ROUTE_REQUESTS, default 5000)
 
 use kv_events::{BlockHash, BlockStored, Event};
-use kvsync::api::{self, AppState};
+use kvsync::http::{self, AppState};
 use kvsync::manager::{PodTable, PodView, WorkerTable};
 use kvsync::metrics::Metrics;
 use kvsync::pods::{PodInfo, Target};
@@ -109,7 +109,7 @@ fn main() {
 
     // Parts, in process.
     let parse_kvsync = measure(n, || {
-        std::hint::black_box(kvsync::request::parse(body.as_bytes()).expect("parse"));
+        std::hint::black_box(kvsync::http::request::parse(body.as_bytes()).expect("parse"));
     });
     #[derive(serde::Deserialize)]
     #[allow(dead_code)]
@@ -252,7 +252,7 @@ async fn listen(state: Arc<AppState>) -> SocketAddr {
         let _ = tcp.set_nodelay(true);
     });
     tokio::spawn(async move {
-        let _ = axum::serve(listener, api::router(state)).await;
+        let _ = axum::serve(listener, http::router(state)).await;
     });
     addr
 }
@@ -336,10 +336,10 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         tokenizer: None,
         pod_tokenizer_port: 8000,
         tokenizer_timeout: Duration::from_secs(1),
-        body_timeout: kvsync::api::BODY_TIMEOUT,
+        body_timeout: kvsync::http::BODY_TIMEOUT,
         kv_sync: true,
         // As `kvsync serve` by default: decisions count for 2 s.
-        recent: kvsync::approx::Approx::new(Duration::from_secs(2), BS, 1 << 22),
+        recent: kvsync::route::approx::Approx::new(Duration::from_secs(2), BS, 1 << 22),
         ready,
         selected: parking_lot::Mutex::default(),
     });

@@ -2,23 +2,26 @@
 //! cache, fed by vLLM's KV cache events, answering routing queries.
 //!
 //! ```text
-//!  pods (Kubernetes or a static file) ──▶ manager ──▶ subscribers (kv-events)
-//!                                                        │ EventBatch
-//!                                                        ▼
-//!                          HTTP /v1/route ──▶ prefix-index ◀── apply(worker, event)
+//!  pods/ (Kubernetes watcher or a static file) ──PodEvent──▶ manager ──subscribe──▶ kv-subscriber
+//!                                                               │ applies each batch (poller thread)
+//!                                                               ▼
+//!  http/ POST /v1/route ──tokens (tokenize/ for text)──▶ prefix-index ──lookup──▶ route/ (choice)
+//!  http/ /metrics (metrics), /v1/pods, /v1/models, /healthz, /readyz
 //! ```
 //!
-//! So far: the JSON-lines view of events that `tap` and `capture` print.
+//! - [`pods`]: eligibility and the pod sources; [`manager`]: one subscription per eligible pod
+//!   and rank, incarnations, the index's feed;
+//! - [`http`]: the server, request parsing, the route handler; [`route`]: the choice (pure) and
+//!   the recent decisions; [`tokenize`]: the remote tokenizer client;
+//! - [`metrics`], [`config`] (the `AIBRIX_*` variables), [`serve`] (wires it all and runs until
+//!   shutdown), [`cli`] (the subcommands; `kvsync demo` is the `kvsync-demo` crate).
 
-pub mod api;
-pub mod approx;
+pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod json;
+pub mod http;
 pub mod manager;
 pub mod metrics;
 pub mod pods;
-pub mod request;
+pub mod route;
 pub mod serve;
-pub mod source;
-pub mod tokenizer;
+pub mod tokenize;

@@ -16,8 +16,8 @@
 //! The pod event path never waits on a socket: subscribing returns at once and each run lives
 //! in its own task, owned by the manager's `TaskTracker` and stopped by its token.
 
+use crate::pods::source::{PodEvent, PodStream};
 use crate::pods::{self, PodInfo, Target};
-use crate::source::{PodEvent, PodStream};
 use futures::StreamExt;
 use kv_subscriber::{Backoff, Delivery, Hub, Sink, SubscriberConfig, SubscriberEvent};
 use prefix_index::{Index, Source, WorkerId};

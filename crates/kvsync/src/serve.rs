@@ -2,13 +2,13 @@
 //! and the HTTP API, until shutdown: then the server stops accepting and finishes in-flight
 //! requests, every subscriber stops, and every task is joined.
 
-use crate::api::{self, AppState};
-use crate::approx::Approx;
 use crate::config::Config;
+use crate::http::{self, AppState};
 use crate::manager::{Manager, ManagerConfig};
 use crate::metrics::Metrics;
-use crate::source;
-use crate::tokenizer::Tokenizer;
+use crate::pods::source;
+use crate::route::approx::Approx;
+use crate::tokenize::Tokenizer;
 use anyhow::{Context, Result};
 use kv_subscriber::Hub;
 use prefix_index::{Index, IndexConfig};
@@ -53,7 +53,7 @@ impl Default for Options {
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,
             routed_ttl: Duration::from_secs(2),
-            body_timeout: api::BODY_TIMEOUT,
+            body_timeout: http::BODY_TIMEOUT,
         }
     }
 }
@@ -152,7 +152,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let server = axum::serve(listener, api::router(state))
+    let server = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let task = tokio::spawn(async move {
         let served = server.await.context("HTTP server");

@@ -3,7 +3,7 @@
 //! prefix-cache hits.
 
 use engine_sim::Tokenizer;
-use kvsync::demo::{metric_value, DemoConfig, Fleet, Policy, Service, TokenizerServer, VOCAB};
+use kvsync_demo::{metric_value, DemoConfig, Fleet, Policy, Service, TokenizerServer, VOCAB};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,7 +73,7 @@ async fn disagreement(
             .collect();
         let seen = matched(
             svc,
-            json!({"model": kvsync::demo::MODEL, "token_ids": p}),
+            json!({"model": kvsync_demo::MODEL, "token_ids": p}),
             fleet.engines.len(),
         )
         .await;
@@ -131,7 +131,7 @@ async fn routing_on_events_beats_round_robin() {
     cfg.policies = vec![Policy::Kvsync, Policy::RoundRobin];
     cfg.progress = false;
     cfg.work_dir = work_dir("demo");
-    let report = kvsync::demo::run(&cfg).await.expect("demo runs");
+    let report = kvsync_demo::run(&cfg).await.expect("demo runs");
     let kv = report.get(Policy::Kvsync).expect("kvsync ran");
     let rr = report.get(Policy::RoundRobin).expect("round robin ran");
     assert_eq!(kv.requests as usize, report.requests);
@@ -167,7 +167,7 @@ async fn a_restarted_engine_is_reset_and_relearned_and_text_routes_like_tokens()
     assert_eq!(
         matched(
             &svc,
-            json!({"model": kvsync::demo::MODEL, "token_ids": p1}),
+            json!({"model": kvsync_demo::MODEL, "token_ids": p1}),
             2
         )
         .await,
@@ -184,7 +184,7 @@ async fn a_restarted_engine_is_reset_and_relearned_and_text_routes_like_tokens()
     fleet.engines[1]
         .serve(&t.prompt(&text, true), None, 0)
         .expect("room");
-    let by_text = json!({"model": kvsync::demo::MODEL, "prompt": text});
+    let by_text = json!({"model": kvsync_demo::MODEL, "prompt": text});
     let deadline = Instant::now() + Duration::from_secs(20);
     while matched(&svc, by_text.clone(), 2).await != vec![0, 2] {
         assert!(
@@ -221,7 +221,7 @@ async fn a_restarted_engine_is_reset_and_relearned_and_text_routes_like_tokens()
     assert_eq!(
         matched(
             &svc,
-            json!({"model": kvsync::demo::MODEL, "token_ids": p1}),
+            json!({"model": kvsync_demo::MODEL, "token_ids": p1}),
             2
         )
         .await[0],

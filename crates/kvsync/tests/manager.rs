@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
 use kv_subscriber::Hub;
 use kvsync::manager::{Manager, ManagerConfig, ManagerStats};
-use kvsync::source;
+use kvsync::pods::source;
 use prefix_index::{Index, IndexConfig};
 use serde_json::json;
 use std::hash::{BuildHasher, Hasher};

@@ -11,8 +11,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
-use kvsync::api;
 use kvsync::config::{Config, RemoteTokenizer, TokenizerEngine};
+use kvsync::http;
 use kvsync::serve::{self, Options};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -573,8 +573,8 @@ async fn oversized_and_stalled_bodies_are_answered_not_reset() {
     let closes = |h: &[(String, String)]| h.iter().any(|(k, v)| k == "connection" && v == "close");
 
     // Ten times the accepted size, well past any socket buffer, written in full before a read.
-    let len = 10 * api::MAX_BODY;
-    assert!(len < api::MAX_DRAIN);
+    let len = 10 * http::MAX_BODY;
+    assert!(len < http::MAX_DRAIN);
     let mut conn = connect().await.expect("connect");
     let mut req = format!(
         "POST /v1/route HTTP/1.1\r\nhost: kvsync\r\ncontent-type: application/json\r\n\
@@ -597,8 +597,8 @@ async fn oversized_and_stalled_bodies_are_answered_not_reset() {
     // Refused from the headers alone, before any body is sent, and closed: a length declared
     // past MAX_DRAIN, or past MAX_BODY from a client waiting for `100 Continue`.
     for (expect, len) in [
-        ("", api::MAX_DRAIN + 1),
-        ("expect: 100-continue\r\n", api::MAX_BODY + 1),
+        ("", http::MAX_DRAIN + 1),
+        ("expect: 100-continue\r\n", http::MAX_BODY + 1),
     ] {
         let mut conn = connect().await.expect("connect");
         conn.write_all(

@@ -54,7 +54,7 @@ impl Publisher {
     pub fn try_start(args: &[&str]) -> Option<Publisher> {
         let script =
             // From whichever crate includes this module: the script lives with kv-events' tests.
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/vllm_publisher.py");
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kv-subscriber/tests/support/vllm_publisher.py");
         let mut child = Command::new(python())
             .arg(script)
             .args(args)

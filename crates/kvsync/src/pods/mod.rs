@@ -1,4 +1,9 @@
-//! What kvsync needs to know of a pod, and whether it is eligible for KV event sync.
+//! Pods: what kvsync needs to know of a pod and whether it is eligible for KV event sync
+//! (labels, phase, readiness, IP, ports and data-parallel size from annotations), the static
+//! pod file's format, and [`source`]: where pod events come from (the Kubernetes API through
+//! kube-runtime's watcher, or the static file re-read when it changes).
+
+pub mod source;
 
 use k8s_openapi::api::core::v1::Pod;
 use std::fmt;

@@ -1,0 +1,290 @@
+//! `POST /v1/route`: the request parsed, its text tokenized (the configured tokenizer or one of
+//! the model's pods), the index and the recent decisions asked, the choice made by
+//! [`crate::route`], recorded, and answered.
+
+use super::answer::{PodMatch, RouteAnswer};
+use super::body::read_body;
+use super::request::{self, RouteRequest, TokenIds};
+use super::{error, AppState};
+use crate::route::{self as choice, Candidate, WorkerRef};
+use crate::tokenize::{Text, Tokenizer};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use prefix_index::{Tier, WorkerId};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn unknown_model(model: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("unknown model {model:?}: no eligible pod serves it"),
+    )
+}
+
+/// The address of an eligible pod serving `model`, if there is one.
+fn pod_of(s: &AppState, model: &str) -> Option<String> {
+    s.pods
+        .read()
+        .values()
+        .filter_map(|v| v.info.target.as_ref().ok())
+        .find(|t| t.model == model)
+        .map(|t| t.ip.clone())
+}
+
+pub(super) async fn route(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let body = match read_body(&headers, body, s.body_timeout).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req: RouteRequest = match request::parse(&body) {
+        Ok(r) => r,
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            return error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"))
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
+    };
+    drop(body);
+    let Some(model) = req.model.as_deref().filter(|m| !m.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`model` (a non-empty string) is required",
+        );
+    };
+    let lora = match req.lora.as_deref() {
+        None => None,
+        Some("") => return error(StatusCode::BAD_REQUEST, "`lora` must be a non-empty string"),
+        Some(l) => Some(l),
+    };
+    let given: Vec<&str> = [
+        ("token_ids", req.token_ids.is_some()),
+        ("prompt", req.prompt.is_some()),
+        (
+            "messages",
+            req.messages.as_ref().is_some_and(|m| !m.is_null()),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(k, _)| k)
+    .collect();
+    if given.len() != 1 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("exactly one of `token_ids`, `prompt`, `messages` is required (got {given:?})"),
+        );
+    }
+    let text = match given[0] {
+        "token_ids" => None,
+        "prompt" => {
+            let Some(p) = req.prompt.as_deref().filter(|p| !p.is_empty()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`prompt` must be a non-empty string",
+                );
+            };
+            Some(Text::Prompt {
+                prompt: p,
+                add_special_tokens: req.add_special_tokens.unwrap_or(true),
+            })
+        }
+        _ => {
+            let m = req.messages.as_ref().unwrap_or(&Value::Null);
+            if m.as_array().is_none_or(|a| a.is_empty()) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`messages` must be a non-empty array",
+                );
+            }
+            Some(Text::Messages {
+                messages: m,
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                add_special_tokens: req.add_special_tokens.unwrap_or(false),
+            })
+        }
+    };
+    let tokens: Vec<u32> = match text {
+        None => match req.token_ids {
+            Some(TokenIds(t)) if !t.is_empty() => t,
+            _ => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
+        },
+        Some(text) => {
+            // Text is tokenized by one of the model's engines (token ids need no pod here:
+            // `decide` lists the model's pods once).
+            let Some(pod_ip) = pod_of(&s, model) else {
+                return unknown_model(model);
+            };
+            match tokenize(&s, model, &pod_ip, text).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            }
+        }
+    };
+    let answer = decide(&s, model, lora, &tokens);
+    s.metrics
+        .api
+        .route_seconds
+        .observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+/// Ranks every eligible worker of `model` for `tokens`, selects one and records the choice.
+fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Response {
+    let t0 = Instant::now();
+    let known = if s.kv_sync {
+        s.index.block_size(model, lora)
+    } else {
+        None
+    };
+    let block_size = known.unwrap_or(s.recent.block_size() as u32);
+    // One chain of block hashes serves the index and the recent decisions; with the latter
+    // off, the index hashes lazily and stops at the first block nobody holds.
+    let (lookup, chain) = if s.recent.enabled() {
+        let chain = s.index.chain(model, lora, block_size, tokens);
+        let l = match known {
+            Some(_) => s.index.lookup_chain(model, lora, &chain),
+            None => prefix_index::Lookup::default(),
+        };
+        (l, chain)
+    } else if known.is_some() {
+        (s.index.lookup(model, lora, tokens), Vec::new())
+    } else {
+        Default::default()
+    };
+    let recent = s.recent.lookup(&chain);
+    s.metrics
+        .api
+        .lookup_seconds
+        .observe(t0.elapsed().as_secs_f64());
+    let num_blocks = (tokens.len() as u32).checked_div(block_size).unwrap_or(0);
+    let pods = s.pods.read();
+    // Candidates: every eligible pod of the model, each rank.
+    let mut list: Vec<Candidate> = pods
+        .values()
+        .filter_map(|v| v.info.target.as_ref().ok().map(|t| (v, t)))
+        .filter(|(_, t)| t.model == model)
+        .flat_map(|(v, t)| {
+            (0..t.dp_size).map(move |r| Candidate {
+                worker: WorkerRef {
+                    pod: &v.info.key,
+                    dp_rank: r,
+                },
+                address: &t.ip,
+                blocks: 0,
+                per_tier: [0; Tier::COUNT],
+                routed: 0,
+                last: None,
+            })
+        })
+        .collect();
+    if list.is_empty() {
+        return unknown_model(model);
+    }
+    choice::fill(&mut list, &lookup, &recent);
+    // Best prefix first; among equals, the least recently selected, then by name. One lock
+    // over the choice and its record, so concurrent requests rotate rather than pile up.
+    let chosen = {
+        let mut sel = s.selected.lock();
+        for c in &mut list {
+            c.last = sel.get(&c.worker).copied();
+        }
+        choice::order(&mut list);
+        let best = WorkerId::new(list[0].worker.pod, list[0].worker.dp_rank);
+        sel.insert(best.clone(), Instant::now());
+        if sel.len() > 2 * pods.len() + 1024 {
+            // Forget workers whose pods are gone.
+            sel.retain(|w, _| pods.contains_key(&*w.pod));
+        }
+        best
+    };
+    s.recent.record(&chain, &chosen);
+    let chosen = &list[0];
+    let decisions = &s.metrics.api.decisions;
+    match chosen.rank() {
+        0 => &decisions.miss,
+        b if b >= num_blocks => &decisions.full,
+        _ => &decisions.partial,
+    }
+    .inc();
+    fn view<'a>(c: &Candidate<'a>, block_size: u32, kv_sync: bool) -> PodMatch<'a> {
+        // Without KV sync, what was routed is all there is to match.
+        let blocks = if kv_sync { c.blocks } else { c.routed };
+        let tier = Tier::ALL
+            .into_iter()
+            .find(|t| kv_sync && blocks > 0 && c.per_tier[*t as usize] == blocks)
+            .map(Tier::name)
+            .or((!kv_sync && blocks > 0).then_some(Tier::Gpu.name()));
+        PodMatch {
+            pod: c.worker.pod,
+            address: c.address,
+            dp_rank: c.worker.dp_rank,
+            matched_blocks: blocks,
+            matched_tokens: blocks * block_size,
+            tier,
+            routed_blocks: kv_sync.then_some(c.routed),
+        }
+    }
+    let answer = RouteAnswer {
+        model,
+        lora,
+        block_size,
+        num_blocks,
+        exact: s.kv_sync,
+        selected: view(chosen, block_size, s.kv_sync),
+        pods: list
+            .iter()
+            .map(|c| view(c, block_size, s.kv_sync))
+            .collect(),
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.to_json(),
+    )
+        .into_response()
+}
+
+/// Tokenizes with the configured tokenizer, or a ready pod of the model.
+async fn tokenize(
+    s: &AppState,
+    model: &str,
+    ip: &str,
+    text: Text<'_>,
+) -> Result<Vec<u32>, Response> {
+    let pod_tokenizer;
+    let t = match &s.tokenizer {
+        Some(t) => t,
+        None => {
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.to_owned()
+            };
+            pod_tokenizer = Tokenizer::new(
+                &format!("http://{host}:{}", s.pod_tokenizer_port),
+                s.tokenizer_timeout,
+            );
+            &pod_tokenizer
+        }
+    };
+    match t.tokenize(model, text).await {
+        Ok(tokens) if !tokens.is_empty() => Ok(tokens),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "the text tokenizes to no token",
+        )),
+        Err(e) => {
+            s.metrics.api.tokenizer_errors.inc();
+            Err(error(
+                StatusCode::BAD_GATEWAY,
+                format!("tokenizer failed: {e}"),
+            ))
+        }
+    }
+}
