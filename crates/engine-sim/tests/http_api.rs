@@ -29,12 +29,13 @@ struct Server {
 
 impl Server {
     async fn start(cfg: InstantConfig) -> Server {
-        let backend = InstantBackend::new(cfg);
+        let backend = InstantBackend::new(cfg.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let mut http = HttpConfig::new(MODEL);
+        http.num_gpu_blocks = Some(cfg.num_blocks);
         http.loras = vec![Lora {
             id: 1,
             name: "sql-lora".to_owned(),
@@ -349,12 +350,41 @@ async fn a_client_gone_mid_stream_drops_the_receiver() {
         .expect("data");
     let text = String::from_utf8_lossy(&frame);
     assert!(text.starts_with("data: {"), "{text}");
-    let stalled = server.backend.take_stalled();
-    assert_eq!(stalled.len(), 1);
-    assert!(!stalled[0].is_closed(), "the request is still streaming");
+    let stalled = server
+        .backend
+        .next_stalled()
+        .await
+        .expect("a stalled request");
+    assert!(!stalled.is_closed(), "the request is still streaming");
     drop(body);
     drop(c);
     // The server drops the stream with the connection, and the stream drops the receiver.
-    stalled[0].closed().await;
+    stalled.closed().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_before_a_full_response_drops_the_receiver() {
+    let server = Server::start(InstantConfig {
+        stall_after: Some(1),
+        ..instant()
+    })
+    .await;
+    let url = format!("{}/v1/chat/completions", server.url);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9});
+    let waiting = tokio::spawn(async move {
+        let c = client();
+        post_json(&c, &url, &body.to_string()).await
+    });
+    let stalled = server
+        .backend
+        .next_stalled()
+        .await
+        .expect("a stalled request");
+    assert!(!stalled.is_closed(), "the handler waits for the rest");
+    // The client gives up: its connection closes, hyper drops the handler and its receiver.
+    waiting.abort();
+    assert!(waiting.await.is_err_and(|e| e.is_cancelled()));
+    stalled.closed().await;
     server.stop().await;
 }

@@ -46,7 +46,10 @@ struct State {
     pool: BlockPool,
     now: f64,
     stats: EngineMetrics,
-    stalled: Vec<Sender<TokenEvent>>,
+    /// Senders of stalled requests, for tests to watch (bounded by `MAX_STALLED`).
+    stalled_tx: Sender<Sender<TokenEvent>>,
+    /// Stalled requests whose receiver may still be open (for `num_requests_running`).
+    running: Vec<Sender<TokenEvent>>,
 }
 
 /// Serves each request in full when submitted: a prefill step, then one step per token.
@@ -54,25 +57,30 @@ struct State {
 pub struct InstantBackend {
     cfg: InstantConfig,
     state: Arc<Mutex<State>>,
+    stalled_rx: Arc<tokio::sync::Mutex<Receiver<Sender<TokenEvent>>>>,
 }
 
 impl InstantBackend {
     pub fn new(cfg: InstantConfig) -> InstantBackend {
         let pool = BlockPool::new(cfg.num_blocks, cfg.block_size, 0, HashForm::Int);
+        let (stalled_tx, stalled_rx) = mpsc::channel(MAX_STALLED);
         InstantBackend {
             cfg,
             state: Arc::new(Mutex::new(State {
                 pool,
                 now: 0.0,
                 stats: EngineMetrics::default(),
-                stalled: Vec::new(),
+                stalled_tx,
+                running: Vec::new(),
             })),
+            stalled_rx: Arc::new(tokio::sync::Mutex::new(stalled_rx)),
         }
     }
 
-    /// The senders of stalled requests (see [`InstantConfig::stall_after`]), taken out.
-    pub fn take_stalled(&self) -> Vec<Sender<TokenEvent>> {
-        std::mem::take(&mut self.state.lock().stalled)
+    /// The sender of the next stalled request (see [`InstantConfig::stall_after`]), once one
+    /// is submitted: `closed().await` on it returns when the HTTP side drops the receiver.
+    pub async fn next_stalled(&self) -> Option<Sender<TokenEvent>> {
+        self.stalled_rx.lock().await.recv().await
     }
 
     fn serve(&self, req: GenerateRequest, tx: &Sender<TokenEvent>) -> Result<bool, SubmitError> {
@@ -130,10 +138,11 @@ impl Backend for InstantBackend {
         let (tx, rx) = mpsc::channel(req.max_tokens + 2);
         if self.serve(req, &tx)? {
             let mut st = self.state.lock();
-            if st.stalled.len() == MAX_STALLED {
+            st.running.retain(|t| !t.is_closed());
+            if st.running.len() == MAX_STALLED || st.stalled_tx.try_send(tx.clone()).is_err() {
                 return Err(SubmitError::Overloaded);
             }
-            st.stalled.push(tx);
+            st.running.push(tx);
         }
         Ok(rx)
     }
@@ -142,7 +151,7 @@ impl Backend for InstantBackend {
         let st = self.state.lock();
         let usable = self.cfg.num_blocks - 1;
         EngineMetrics {
-            num_requests_running: st.stalled.iter().filter(|t| !t.is_closed()).count(),
+            num_requests_running: st.running.iter().filter(|t| !t.is_closed()).count(),
             kv_cache_usage: (usable - st.pool.free_blocks()) as f64 / usable as f64,
             ..st.stats.clone()
         }

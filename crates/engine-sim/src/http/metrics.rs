@@ -144,11 +144,26 @@ struct Inner {
 pub struct Metrics {
     /// The `model_name` and `engine` label pairs, escaped, in vLLM's label order.
     labels: String,
+    /// The labels of `vllm:cache_config_info`.
+    cache_config: String,
     inner: Mutex<Inner>,
 }
 
+/// What `vllm:cache_config_info` reports (vLLM's `CacheConfig.metrics_info()`, the fields
+/// routers read: the gateway API inference extension reads `block_size` and `num_gpu_blocks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfigInfo {
+    pub block_size: usize,
+    pub num_gpu_blocks: Option<usize>,
+}
+
 impl Metrics {
-    pub fn new(model_name: &str, engine: &str, max_model_len: usize) -> Metrics {
+    pub fn new(
+        model_name: &str,
+        engine: &str,
+        max_model_len: usize,
+        cache: CacheConfigInfo,
+    ) -> Metrics {
         let tokens = buckets_1_2_5(max_model_len);
         let histograms = [
             TTFT_BUCKETS,
@@ -170,6 +185,12 @@ impl Metrics {
                 "model_name=\"{}\",engine=\"{}\"",
                 escape(model_name),
                 escape(engine)
+            ),
+            cache_config: format!(
+                "block_size=\"{}\",enable_prefix_caching=\"True\",engine=\"{}\",num_gpu_blocks=\"{}\"",
+                cache.block_size,
+                escape(engine),
+                cache.num_gpu_blocks.map_or_else(|| "None".to_owned(), |n| n.to_string()),
             ),
             inner: Mutex::new(Inner {
                 histograms,
@@ -210,6 +231,12 @@ impl Metrics {
                 num(v)
             );
         }
+        let _ = write!(
+            out,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n\
+             # TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{{}}} 1.0\n",
+            self.cache_config
+        );
         let counters: [(&str, &str, u64); 5] = [
             (
                 "vllm:prefix_cache_queries",
@@ -382,7 +409,11 @@ mod tests {
 
     #[test]
     fn a_request_is_observed_in_engine_seconds() {
-        let m = Metrics::new("m\"x", "0", 1000);
+        let cache = CacheConfigInfo {
+            block_size: 16,
+            num_gpu_blocks: Some(100),
+        };
+        let m = Metrics::new("m\"x", "0", 1000, cache);
         let mut o = RequestObserver::new(1.0, 3);
         for ev in [
             TokenEvent::Scheduled {
@@ -418,5 +449,6 @@ mod tests {
             "vllm:request_success_total{{{l},finished_reason=\"length\"}} 1.0"
         )));
         assert!(text.contains("# TYPE vllm:prompt_tokens_total counter"));
+        assert!(text.contains("vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"100\"} 1.0"));
     }
 }

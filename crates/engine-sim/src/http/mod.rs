@@ -54,6 +54,8 @@ pub struct HttpConfig {
     pub vllm_version: String,
     /// The `engine` label of the metrics (vLLM's engine index).
     pub engine_label: String,
+    /// The KV cache's blocks, for `vllm:cache_config_info` (`None` when unknown).
+    pub num_gpu_blocks: Option<usize>,
 }
 
 impl HttpConfig {
@@ -66,6 +68,7 @@ impl HttpConfig {
             vocab: 32_000,
             vllm_version: "0.11.0".to_owned(),
             engine_label: "0".to_owned(),
+            num_gpu_blocks: None,
         }
     }
 }
@@ -138,10 +141,15 @@ pub fn router(backend: Arc<dyn Backend>, cfg: HttpConfig) -> Result<Router, Conf
         max_model_len: backend.max_model_len(),
     };
     tok.prepare_vocabulary();
+    let cache = metrics::CacheConfigInfo {
+        block_size: backend.block_size(),
+        num_gpu_blocks: cfg.num_gpu_blocks,
+    };
     let metrics = metrics::Metrics::new(
         &cfg.served_model_name,
         &cfg.engine_label,
         backend.max_model_len(),
+        cache,
     );
     let app = Arc::new(App {
         backend,

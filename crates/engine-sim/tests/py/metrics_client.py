@@ -61,6 +61,10 @@ for name, kind in EXPECTED.items():
 buckets = [float(s.labels["le"]) for s in before["vllm:time_to_first_token_seconds"].samples
            if s.name.endswith("_bucket")]
 assert buckets == TTFT_BUCKETS + [float("inf")], buckets
+info = before["vllm:cache_config_info"]
+assert info.type == "gauge" and info.samples[0].value == 1.0, info
+assert info.samples[0].labels["block_size"] == "16", info
+assert info.samples[0].labels["num_gpu_blocks"] == "1024", info
 reasons = {s.labels["finished_reason"] for s in before["vllm:request_success"].samples}
 assert {"stop", "length", "abort"} <= reasons, reasons
 print("names and types: ok")
