@@ -388,3 +388,68 @@ async fn a_client_gone_before_a_full_response_drops_the_receiver() {
     stalled.closed().await;
     server.stop().await;
 }
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_events(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    assert!(text.ends_with("\n\n"), "{text}");
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn streams_end_with_usage_then_done_in_vllm_chunk_shapes() {
+    let server = Server::start(instant()).await;
+    let c = client();
+    let body = json!({"prompt": "x y z", "max_tokens": 3, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let url = format!("{}/v1/completions", server.url);
+    let (s, raw) = call(&c, Method::POST, &url, &body.to_string()).await;
+    assert_eq!(s, StatusCode::OK);
+    let events = sse_events(&raw);
+    assert_eq!(events.len(), 3 + 1 + 1, "{events:?}");
+    assert_eq!(events[4], "[DONE]");
+    let chunks: Vec<Value> = events[..4]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("json"))
+        .collect();
+    for (i, ch) in chunks[..3].iter().enumerate() {
+        assert_eq!(ch["object"], "text_completion");
+        assert!(ch.get("usage").is_some_and(Value::is_null), "{ch}");
+        let finish = if i == 2 { json!("length") } else { Value::Null };
+        assert_eq!(ch["choices"][0]["finish_reason"], finish, "{ch}");
+    }
+    assert_eq!(chunks[3]["choices"], json!([]));
+    assert_eq!(chunks[3]["usage"]["prompt_tokens"], 4);
+    assert_eq!(chunks[3]["usage"]["completion_tokens"], 3);
+    assert_eq!(chunks[3]["usage"]["total_tokens"], 7);
+
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                      "stream": true});
+    let url = format!("{}/v1/chat/completions", server.url);
+    let (_, raw) = call(&c, Method::POST, &url, &body.to_string()).await;
+    let events = sse_events(&raw);
+    assert_eq!(
+        events.len(),
+        1 + 2 + 1,
+        "role, two tokens, [DONE]: {events:?}"
+    );
+    assert_eq!(events[3], "[DONE]");
+    let role: Value = serde_json::from_str(&events[0]).expect("json");
+    assert_eq!(role["object"], "chat.completion.chunk");
+    assert_eq!(
+        role["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    assert!(role.get("usage").is_none(), "exclude_unset: {role}");
+    let last: Value = serde_json::from_str(&events[2]).expect("json");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert!(last["choices"][0]["delta"].get("role").is_none(), "{last}");
+    server.stop().await;
+}

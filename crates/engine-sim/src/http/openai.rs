@@ -1,8 +1,9 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`: parse, check the model and the
 //! context length, submit, then answer in one JSON or as an SSE stream of vLLM's chunks
-//! (`serving_completion.py`, `serving_chat.py`): one chunk per token (chat's first carries
-//! `role`), `finish_reason` on the last token's chunk, then with `stream_options.include_usage`
-//! a chunk with no choices and the usage, then `data: [DONE]`.
+//! (`serving_completion.py`, `serving_chat.py`): chat first sends a chunk with the `role` and
+//! empty content when the first token arrives, then one chunk per token, `finish_reason` on the
+//! last token's chunk, then with `stream_options.include_usage` a chunk with no choices and the
+//! usage, then `data: [DONE]`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -144,6 +145,7 @@ impl Reply {
         let state = Streaming {
             reply: self,
             pending: None,
+            queued: None,
             phase: Phase::Tokens,
             include_usage,
             continuous_usage,
@@ -180,6 +182,8 @@ struct Streaming {
     reply: Reply,
     /// An event read ahead while looking for the end.
     pending: Option<TokenEvent>,
+    /// A frame to send before anything else (the first token's, after chat's role chunk).
+    queued: Option<Bytes>,
     phase: Phase,
     include_usage: bool,
     continuous_usage: bool,
@@ -191,6 +195,9 @@ fn frame(v: &Value) -> Bytes {
 
 impl Streaming {
     async fn next_frame(&mut self) -> Option<Bytes> {
+        if let Some(queued) = self.queued.take() {
+            return Some(queued);
+        }
         match std::mem::replace(&mut self.phase, Phase::Over) {
             Phase::Over => None,
             Phase::DoneMarker => Some(Bytes::from_static(b"data: [DONE]\n\n")),
@@ -241,14 +248,20 @@ impl Streaming {
             let usage = self
                 .continuous_usage
                 .then(|| protocol::usage(r.prompt_len, r.completion_tokens, r.cached_tokens));
-            let chunk = protocol::chunk(
+            let chunk = frame(&protocol::chunk(
                 r.endpoint,
                 &r.head,
                 text,
-                first,
+                false,
                 done.as_ref().map(|d| d.finish),
                 usage,
-            );
+            ));
+            let role = (first && r.endpoint == Endpoint::Chat).then(|| {
+                let usage = self
+                    .continuous_usage
+                    .then(|| protocol::usage(r.prompt_len, 0, r.cached_tokens));
+                frame(&protocol::chunk(r.endpoint, &r.head, "", true, None, usage))
+            });
             // Streaming keeps only the text still to send.
             self.reply.text.clear();
             self.phase = match done {
@@ -256,7 +269,13 @@ impl Streaming {
                 Some(d) if self.include_usage => Phase::Usage(d.usage),
                 Some(_) => Phase::DoneMarker,
             };
-            return Ok(frame(&chunk));
+            return Ok(match role {
+                Some(role) => {
+                    self.queued = Some(chunk);
+                    role
+                }
+                None => chunk,
+            });
         }
     }
 }

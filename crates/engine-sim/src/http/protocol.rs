@@ -368,9 +368,10 @@ pub fn response(endpoint: Endpoint, head: &Head, text: &str, finish: &str, usage
     }
 }
 
-/// One streamed chunk carrying `text` (and `finish` on the last). Chat chunks are dumped with
-/// `exclude_unset` (no `usage` key unless continuous usage is on, `role` only on the first),
-/// completion chunks without (`usage: null`), as vLLM's serving code does.
+/// One streamed chunk carrying `text` (and `finish` on the last); `first` makes chat's role
+/// chunk. Chat chunks are dumped with `exclude_unset` (no `usage` key unless continuous usage
+/// is on, `stop_reason` only on the last), completion chunks without (`usage: null`), as
+/// vLLM's serving code does.
 pub fn chunk(
     endpoint: Endpoint,
     head: &Head,

@@ -79,7 +79,10 @@ stream = list(
 )
 deltas = [c for c in stream if c.choices]
 assert deltas[0].object == "chat.completion.chunk"
+# vLLM's first chunk: the role with empty content; then one chunk per token.
 assert deltas[0].choices[0].delta.role == "assistant", deltas[0]
+assert deltas[0].choices[0].delta.content == "", deltas[0]
+assert len(deltas) == 1 + 12, deltas
 assert all(c.choices[0].delta.role is None for c in deltas[1:])
 assert "".join(c.choices[0].delta.content or "" for c in deltas) == msg.content
 assert deltas[-1].choices[0].finish_reason == "length"
