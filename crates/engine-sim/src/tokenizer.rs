@@ -5,6 +5,13 @@
 //! `BOS` first when `add_special_tokens`; chat messages render as `role, words…, END_OF_TURN`,
 //! and `add_generation_prompt` appends the assistant role. vLLM's defaults: a prompt adds
 //! special tokens, chat messages do not and add the generation prompt.
+//!
+//! Detokenizing maps each word id to a word of a synthetic vocabulary chosen so that it
+//! tokenizes back to the same id (pronounceable syllables, searched once per vocabulary size),
+//! so `tokenize(detokenize(ids)) == ids` for word ids, and generated text fed back as chat
+//! history hits the prefix cache as a real tokenizer's round trip does.
+
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -41,7 +48,10 @@ impl Tokenizer {
         out
     }
 
-    /// `messages`: `[{"role", "content"}]`; an unknown role or a non-string content is an error.
+    /// `messages`: `[{"role", "content"}]`. `content` is a string, a list of OpenAI content
+    /// parts (the text of `{"type": "text", "text"}` parts, in order) or null (an assistant
+    /// turn with tool calls); `developer` is the system role. An unknown role or another
+    /// content is an error.
     pub fn chat(
         &self,
         messages: &[Value],
@@ -54,16 +64,34 @@ impl Tokenizer {
         }
         for (i, m) in messages.iter().enumerate() {
             let role = match m["role"].as_str() {
-                Some("system") => ROLE_SYSTEM,
+                Some("system" | "developer") => ROLE_SYSTEM,
                 Some("user") => ROLE_USER,
                 Some("assistant") => ROLE_ASSISTANT,
                 other => return Err(format!("messages[{i}]: unknown role {other:?}")),
             };
-            let content = m["content"]
-                .as_str()
-                .ok_or_else(|| format!("messages[{i}]: content must be a string"))?;
             out.push(role);
-            out.extend(content.split_whitespace().map(|w| self.word(w)));
+            match &m["content"] {
+                Value::String(text) => out.extend(text.split_whitespace().map(|w| self.word(w))),
+                Value::Array(parts) => {
+                    for part in parts {
+                        if part["type"] != "text" {
+                            return Err(format!(
+                                "messages[{i}]: only text content parts are supported"
+                            ));
+                        }
+                        let text = part["text"].as_str().ok_or_else(|| {
+                            format!("messages[{i}]: a text part needs a string `text`")
+                        })?;
+                        out.extend(text.split_whitespace().map(|w| self.word(w)));
+                    }
+                }
+                Value::Null => {}
+                _ => {
+                    return Err(format!(
+                        "messages[{i}]: content must be a string or a list of parts"
+                    ))
+                }
+            }
             out.push(END_OF_TURN);
         }
         if add_generation_prompt {
@@ -71,6 +99,165 @@ impl Tokenizer {
         }
         Ok(out)
     }
+}
+
+impl Tokenizer {
+    /// The text of `ids`: words separated by single spaces, special tokens by their names
+    /// (`<s>`, `<|user|>`, ...). An id outside the vocabulary is an error.
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, String> {
+        let mut out = String::new();
+        for (i, &id) in ids.iter().enumerate() {
+            out.push_str(&self.token_text(id, i == 0)?);
+        }
+        Ok(out)
+    }
+
+    /// One token's text as a streaming delta: its word, preceded by a space unless `first`.
+    pub fn token_text(&self, id: u32, first: bool) -> Result<String, String> {
+        let word: &str = match id {
+            BOS => "<s>",
+            ROLE_SYSTEM => "<|system|>",
+            ROLE_USER => "<|user|>",
+            ROLE_ASSISTANT => "<|assistant|>",
+            END_OF_TURN => "<|eot|>",
+            _ if id < FIRST_WORD_ID => "<unk>",
+            _ if id < self.vocab => return Ok(self.word_text(id, first)),
+            _ => {
+                return Err(format!(
+                    "token id {id} is out of vocabulary (size {})",
+                    self.vocab
+                ))
+            }
+        };
+        Ok(if first {
+            word.to_owned()
+        } else {
+            format!(" {word}")
+        })
+    }
+
+    /// Builds the detokenizing vocabulary now rather than on the first generated token.
+    pub fn prepare_vocabulary(&self) {
+        if self.vocab > FIRST_WORD_ID {
+            vocabulary(self.vocab);
+        }
+    }
+
+    fn word_text(&self, id: u32, first: bool) -> String {
+        let vocab = vocabulary(self.vocab);
+        let w = &vocab[(id - FIRST_WORD_ID) as usize];
+        if first {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        }
+    }
+}
+
+/// The synthetic vocabulary of a `vocab`-id tokenizer: entry `i` is a word whose id is
+/// `FIRST_WORD_ID + i`. Built once per size (a few milliseconds for 32k ids); a handful of
+/// sizes are kept.
+type Vocabulary = Arc<[Box<str>]>;
+
+fn vocabulary(vocab: u32) -> Vocabulary {
+    static CACHE: parking_lot::Mutex<Vec<(u32, Vocabulary)>> = parking_lot::Mutex::new(Vec::new());
+    const KEEP: usize = 8;
+    let mut cache = CACHE.lock();
+    if let Some((_, v)) = cache.iter().find(|(n, _)| *n == vocab) {
+        return v.clone();
+    }
+    let v = build_vocabulary(vocab);
+    if cache.len() == KEEP {
+        cache.remove(0);
+    }
+    cache.push((vocab, v.clone()));
+    v
+}
+
+fn build_vocabulary(vocab: u32) -> Vocabulary {
+    const CONSONANTS: &[u8] = b"bdfghjklmnprstvz";
+    const VOWELS: &[u8] = b"aeiou";
+    let tok = Tokenizer {
+        vocab,
+        max_model_len: 0,
+    };
+    let size = (vocab - FIRST_WORD_ID) as usize;
+    let mut words: Vec<Option<Box<str>>> = vec![None; size];
+    let mut missing = size;
+    let syllables = (CONSONANTS.len() * VOWELS.len()) as u64;
+    let mut w = String::new();
+    // Coupon collecting needs about size·ln(size) draws; the cap is far beyond that.
+    for n in syllables..(size as u64 * 64).max(syllables * 2) {
+        w.clear();
+        let mut k = n;
+        while k > 0 {
+            let s = (k % syllables) as usize;
+            w.push(CONSONANTS[s / VOWELS.len()] as char);
+            w.push(VOWELS[s % VOWELS.len()] as char);
+            k /= syllables;
+        }
+        let slot = &mut words[(tok.word(&w) - FIRST_WORD_ID) as usize];
+        if slot.is_none() {
+            *slot = Some(w.as_str().into());
+            missing -= 1;
+            if missing == 0 {
+                break;
+            }
+        }
+    }
+    words
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| w.unwrap_or_else(|| format!("<tok{}>", i as u32 + FIRST_WORD_ID).into()))
+        .collect()
+}
+
+/// `POST /tokenize`'s answer to `req` (vLLM's `TokenizeCompletionRequest` or
+/// `TokenizeChatRequest`), or the error message of a 400.
+pub fn tokenize_json(tok: &Tokenizer, req: &Value) -> Result<Value, String> {
+    let flag = |k: &str, default: bool| req[k].as_bool().unwrap_or(default);
+    let tokens = if let Some(p) = req["prompt"].as_str() {
+        tok.prompt(p, flag("add_special_tokens", true))
+    } else if let Some(ms) = req["messages"].as_array() {
+        tok.chat(
+            ms,
+            flag("add_generation_prompt", true),
+            flag("add_special_tokens", false),
+        )?
+    } else {
+        return Err("either `prompt` or `messages` is required".to_owned());
+    };
+    let token_strs = if flag("return_token_strs", false) {
+        let strs = tokens
+            .iter()
+            .map(|&t| tok.token_text(t, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        json!(strs)
+    } else {
+        Value::Null
+    };
+    Ok(json!({
+        "count": tokens.len(),
+        "max_model_len": tok.max_model_len,
+        "tokens": tokens,
+        "token_strs": token_strs,
+    }))
+}
+
+/// `POST /detokenize`'s answer to `{"tokens": [ids]}` (vLLM's `DetokenizeResponse`:
+/// `{"prompt": text}`), or the error message of a 400.
+pub fn detokenize_json(tok: &Tokenizer, req: &Value) -> Result<Value, String> {
+    let ids = req["tokens"]
+        .as_array()
+        .ok_or("`tokens` (a list of token ids) is required")?
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .ok_or_else(|| format!("`tokens`: {v} is not a token id"))
+        })
+        .collect::<Result<Vec<u32>, String>>()?;
+    Ok(json!({ "prompt": tok.detokenize(&ids)? }))
 }
 
 /// The `n` tokens an engine generates after `prompt` (a pure function of the prompt).
@@ -106,31 +293,23 @@ async fn tokenize(
 ) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
     let req: Value = serde_json::from_slice(&body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
-    let flag = |k: &str, default: bool| req[k].as_bool().unwrap_or(default);
-    let tokens = if let Some(p) = req["prompt"].as_str() {
-        tok.prompt(p, flag("add_special_tokens", true))
-    } else if let Some(ms) = req["messages"].as_array() {
-        tok.chat(
-            ms,
-            flag("add_generation_prompt", true),
-            flag("add_special_tokens", false),
-        )
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?
-    } else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "either `prompt` or `messages` is required".to_owned(),
-        ));
-    };
-    Ok(Json(json!({
-        "count": tokens.len(),
-        "max_model_len": tok.max_model_len,
-        "tokens": tokens,
-        "token_strs": null,
-    })))
+    tokenize_json(&tok, &req)
+        .map(Json)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))
 }
 
-/// Serves `POST /tokenize` on `listener` until `shutdown` resolves.
+async fn detokenize(
+    State(tok): State<Tokenizer>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
+    let req: Value = serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+    detokenize_json(&tok, &req)
+        .map(Json)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))
+}
+
+/// Serves `POST /tokenize` and `POST /detokenize` on `listener` until `shutdown` resolves.
 pub async fn serve_tokenizer(
     listener: tokio::net::TcpListener,
     tok: Tokenizer,
@@ -138,6 +317,7 @@ pub async fn serve_tokenizer(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .with_state(tok);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -180,6 +360,40 @@ mod tests {
         assert!(t
             .chat(&[json!({"role": "robot", "content": "x"})], true, false)
             .is_err());
+        let parts = json!([{"type": "text", "text": "be"}, {"type": "text", "text": "brief"}]);
+        assert_eq!(
+            t.chat(&[json!({"role": "system", "content": parts})], false, false),
+            Ok(vec![
+                ROLE_SYSTEM,
+                t.word("be"),
+                t.word("brief"),
+                END_OF_TURN
+            ])
+        );
+        assert!(t
+            .chat(&[json!({"role": "user", "content": 3})], true, false)
+            .is_err());
+    }
+
+    #[test]
+    fn detokenize_round_trips_word_ids() {
+        let t = Tokenizer {
+            vocab: 32_000,
+            max_model_len: 8192,
+        };
+        let ids = t.prompt("the quick brown fox", false);
+        let text = t.detokenize(&ids).expect("in vocabulary");
+        assert_eq!(text.split(' ').count(), 4);
+        assert_eq!(t.prompt(&text, false), ids);
+        let generated = output_tokens(&ids, 200, 32_000);
+        let text = t.detokenize(&generated).expect("in vocabulary");
+        assert_eq!(t.prompt(&text, false), generated);
+        assert!(!text.contains("<tok"), "every word id has a word");
+        assert_eq!(
+            t.detokenize(&[BOS, ROLE_USER, END_OF_TURN]).as_deref(),
+            Ok("<s> <|user|> <|eot|>")
+        );
+        assert!(t.detokenize(&[32_000]).is_err());
     }
 
     #[test]
