@@ -13,8 +13,10 @@
 //!
 //! - `config`: [`DemoConfig`], [`Policy`]; `workload`: the conversations;
 //! - `fleet`: the engines and their tokenizer; `service`: a `serve` child and its metrics;
-//! - `policy`: one policy's run; `report`: the figures and the table.
+//! - `policy`: one policy's run; `report`: the figures and the table;
+//! - [`bench`]: `kvsync bench`, the OpenAI load generator (workloads, streamed client, summary).
 
+pub mod bench;
 mod config;
 mod fleet;
 mod policy;

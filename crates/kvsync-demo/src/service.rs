@@ -22,11 +22,19 @@ pub struct Http {
 
 impl Http {
     pub fn new(addr: SocketAddr) -> Http {
+        Http::new_url(&format!("http://{addr}"))
+    }
+
+    /// A client of `base` (`http://host:port`, without a trailing `/`).
+    pub fn new_url(base: &str) -> Http {
         let mut c = HttpConnector::new();
         c.set_nodelay(true);
         Http {
             client: Client::builder(TokioExecutor::new()).build(c),
-            base: format!("http://{addr}"),
+            base: base
+                .trim_end_matches('/')
+                .trim_end_matches("/v1")
+                .to_owned(),
         }
     }
 

@@ -110,6 +110,9 @@ enum Command {
         )]
         policies: Vec<String>,
     },
+    /// Send an OpenAI-compatible load (streamed, prefix-heavy) to --url and print TTFT,
+    /// inter-token latency, throughput, prefix hit and the busiest pod's share.
+    Bench(kvsync_demo::bench::BenchArgs),
     /// Print the configuration the AIBRIX_* variables give, and any warning; exit non-zero
     /// when a value is invalid.
     Config,
@@ -247,6 +250,21 @@ pub fn main() -> Result<()> {
             let report = rt.block_on(kvsync_demo::run(&cfg))?;
             eprintln!("(logs and pod files: {})", cfg.work_dir.display());
             print!("{}", report.render());
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let cfg = args.config()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let summaries = rt.block_on(kvsync_demo::bench::run(&cfg))?;
+            for s in &summaries {
+                print!("{}", s.render());
+            }
+            for s in &summaries {
+                println!("{}", s.line());
+            }
             Ok(())
         }
         Command::Tap {
