@@ -8,7 +8,8 @@
 pub mod engine;
 pub mod pool;
 pub mod tokenizer;
+pub mod vllm_hash;
 
 pub use engine::{Admitted, Engine, EngineConfig, EngineError, EngineStats, Served};
-pub use pool::{BlockPool, EngineHash, HashForm, Lora, PoolFull, Request};
+pub use pool::{BlockPool, EngineHash, HashAlgo, HashForm, Lora, PoolFull, Request};
 pub use tokenizer::{output_tokens, serve_tokenizer, Tokenizer};

@@ -5,7 +5,7 @@
 //! - block 0 is the null block, taken off the free queue at start; blocks 1..N start free in
 //!   order;
 //! - a request's full blocks are hashed in a chain (parent hash, the block's tokens, the LoRA
-//!   adapter); its longest cached prefix is found block by block, stopping at the first miss,
+//!   adapter), by default with vLLM's own `sha256` ([`crate::vllm_hash`]); its longest cached prefix is found block by block, stopping at the first miss,
 //!   and never covers the last prompt token (vLLM recomputes it for the logits), so a fully
 //!   cached, block-aligned prompt recomputes — and re-announces — its last block;
 //! - hit blocks are touched (taken off the free queue, reference count + 1) before new blocks are
@@ -20,6 +20,8 @@
 use hashbrown::HashMap;
 use kv_events::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, Medium};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+use crate::vllm_hash;
 
 /// A block's position in the pool.
 pub type BlockId = u32;
@@ -54,11 +56,46 @@ impl HashForm {
     }
 }
 
-/// A LoRA adapter a request runs under (vLLM's `LoRARequest`: id and name).
+/// How the pool hashes blocks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HashAlgo {
+    /// vLLM's `sha256` or `sha256_cbor` ([`crate::vllm_hash`]), chained from `none_hash`
+    /// (vLLM's `NONE_HASH`): the hashes a real vLLM publishes for the same tokens.
+    Vllm {
+        algo: vllm_hash::Algo,
+        none_hash: [u8; 32],
+    },
+    /// A cheaper stand-in (two xxh3-128 over the parent, tokens and LoRA name), keyed by `seed`:
+    /// equality semantics only, not vLLM's bits.
+    Xxh3 { seed: u64 },
+}
+
+impl HashAlgo {
+    /// vLLM's default `sha256` with `NONE_HASH` as vLLM derives it: `seed` 0 plays
+    /// `PYTHONHASHSEED` unset (the fixed `"vllm-none-hash"`, shared by every vLLM), any other
+    /// value plays `PYTHONHASHSEED=<seed>`.
+    pub fn vllm(seed: u64) -> HashAlgo {
+        HashAlgo::vllm_with(vllm_hash::Algo::Sha256, seed)
+    }
+
+    /// [`HashAlgo::vllm`] with another of vLLM's algorithms.
+    pub fn vllm_with(algo: vllm_hash::Algo, seed: u64) -> HashAlgo {
+        let none_hash = if seed == 0 {
+            vllm_hash::none_hash(algo, vllm_hash::DEFAULT_NONE_HASH_SEED)
+        } else {
+            vllm_hash::none_hash(algo, &seed.to_string())
+        };
+        HashAlgo::Vllm { algo, none_hash }
+    }
+}
+
+/// A LoRA adapter a request runs under (vLLM's `LoRARequest`: id, name and path; vLLM 0.33
+/// hashes the name and the path into every block).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lora {
     pub id: i64,
     pub name: String,
+    pub path: String,
 }
 
 #[derive(Clone, Debug)]
@@ -102,7 +139,7 @@ impl Request {
 #[derive(Debug)]
 pub struct BlockPool {
     block_size: usize,
-    seed: u64,
+    algo: HashAlgo,
     form: HashForm,
     blocks: Vec<Block>,
     head: BlockId,
@@ -114,9 +151,20 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    /// `num_blocks` blocks (block 0 becomes the null block); `seed` plays vLLM's per-process
-    /// `NONE_HASH`, so two engines (or one engine before and after a restart) hash differently.
+    /// `num_blocks` blocks (block 0 becomes the null block), hashing as vLLM does
+    /// ([`HashAlgo::vllm`]): `seed` 0 gives every pool vLLM's default `NONE_HASH`, another
+    /// value plays `PYTHONHASHSEED`, so two engines seeded apart hash differently.
     pub fn new(num_blocks: usize, block_size: usize, seed: u64, form: HashForm) -> BlockPool {
+        BlockPool::with_algo(num_blocks, block_size, HashAlgo::vllm(seed), form)
+    }
+
+    /// A pool hashing with `algo`.
+    pub fn with_algo(
+        num_blocks: usize,
+        block_size: usize,
+        algo: HashAlgo,
+        form: HashForm,
+    ) -> BlockPool {
         assert!(num_blocks >= 2 && block_size >= 1, "a pool needs blocks");
         let n = num_blocks as BlockId;
         let blocks = (0..n)
@@ -130,7 +178,7 @@ impl BlockPool {
             .collect();
         let mut pool = BlockPool {
             block_size,
-            seed,
+            algo,
             form,
             blocks,
             head: 0,
@@ -149,6 +197,10 @@ impl BlockPool {
 
     pub fn block_size(&self) -> usize {
         self.block_size
+    }
+
+    pub fn hash_algo(&self) -> HashAlgo {
+        self.algo
     }
 
     pub fn hash_form(&self) -> HashForm {
@@ -186,6 +238,20 @@ impl BlockPool {
         tokens: &[u32],
         lora: Option<&Lora>,
     ) -> EngineHash {
+        let seed = match self.algo {
+            HashAlgo::Vllm { algo, none_hash } => {
+                let p = parent.map_or(none_hash, |p| p.0);
+                let name = lora.map(|l| (l.name.as_str(), l.path.as_str()));
+                return EngineHash(vllm_hash::hash_block_tokens_lora(
+                    algo,
+                    &mut self.scratch,
+                    &p,
+                    tokens,
+                    name,
+                ));
+            }
+            HashAlgo::Xxh3 { seed } => seed,
+        };
         let buf = &mut self.scratch;
         buf.clear();
         match parent {
@@ -198,8 +264,8 @@ impl BlockPool {
         if let Some(l) = lora {
             buf.extend_from_slice(l.name.as_bytes());
         }
-        let lo = xxh3_128_with_seed(buf, self.seed).to_le_bytes();
-        let hi = xxh3_128_with_seed(buf, self.seed ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+        let lo = xxh3_128_with_seed(buf, seed).to_le_bytes();
+        let hi = xxh3_128_with_seed(buf, seed ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
         let mut h = [0u8; 32];
         h[..16].copy_from_slice(&lo);
         h[16..].copy_from_slice(&hi);
