@@ -5,11 +5,13 @@
 //! Every request served reports its real prefix-cache hit: the ground truth a router is judged
 //! by.
 
+pub mod cost;
 pub mod engine;
 pub mod pool;
 pub mod tokenizer;
 pub mod vllm_hash;
 
+pub use cost::{CostModel, StepShape, UnknownProfile};
 pub use engine::{Admitted, Engine, EngineConfig, EngineError, EngineStats, Served};
 pub use pool::{BlockPool, EngineHash, HashAlgo, HashForm, Lora, PoolFull, Request};
 pub use tokenizer::{output_tokens, serve_tokenizer, Tokenizer};
