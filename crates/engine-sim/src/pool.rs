@@ -16,6 +16,17 @@
 //!   keeps each), and evicting one of them announces the hash as removed;
 //! - a finished request's blocks are released tail first: reference count − 1, and blocks that
 //!   reach 0 join the tail of the free queue, so its last blocks are the first to be evicted.
+//!
+//! Two ways in. [`BlockPool::start`] / [`BlockPool::append`] / [`BlockPool::finish`] take a
+//! whole prompt at once (the old one-shot engine). The scheduler's path follows vLLM's
+//! `KVCacheManager` step by step: [`BlockPool::request`] hashes a waiting request,
+//! [`BlockPool::computed_blocks`] finds its cached prefix when it leaves the waiting queue,
+//! [`BlockPool::allocate_slots`] gives it blocks for the tokens scheduled in this step (a
+//! prefill chunk, then one decode token at a time: touch, evict, allocate, then `BlockStored`
+//! for the blocks these tokens fill, at allocation, before they are computed, as vLLM does),
+//! [`BlockPool::push_token`] appends a sampled token, and [`BlockPool::free`] releases the
+//! blocks tail first on finish, abort or preemption (a preempted request keeps its tokens and
+//! finds its prefix again when rescheduled).
 
 use hashbrown::HashMap;
 use kv_events::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, Medium};
@@ -133,6 +144,15 @@ impl Request {
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
+
+    /// Blocks held (hit blocks included).
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
 }
 
 /// The block pool.
@@ -215,6 +235,11 @@ impl BlockPool {
     /// Blocks that carry a hash.
     pub fn cached_blocks(&self) -> usize {
         self.cached.values().map(Vec::len).sum()
+    }
+
+    /// Events waiting for [`BlockPool::take_events`].
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
     }
 
     /// The events since the last call (one engine step's worth).
@@ -347,7 +372,87 @@ impl BlockPool {
     }
 
     /// Releases a finished request's blocks, tail first.
-    pub fn finish(&mut self, req: Request) {
+    pub fn finish(&mut self, mut req: Request) {
+        self.free(&mut req);
+    }
+
+    /// A request as it enters vLLM's waiting queue: its tokens hashed block by block, no block
+    /// held. The scheduler then drives it with [`BlockPool::computed_blocks`],
+    /// [`BlockPool::allocate_slots`], [`BlockPool::push_token`] and [`BlockPool::free`].
+    pub fn request(&mut self, prompt: &[u32], lora: Option<Lora>) -> Request {
+        let hashes = self.block_hashes(prompt, lora.as_ref());
+        Request {
+            tokens: prompt.to_vec(),
+            hashes,
+            blocks: Vec::new(),
+            num_cached: 0,
+            lora,
+            hit_tokens: 0,
+            prompt_tokens: prompt.len(),
+        }
+    }
+
+    /// vLLM's `get_computed_blocks` for a request holding no blocks: its longest cached prefix
+    /// of full blocks, never covering its last token. Nothing is touched.
+    pub fn computed_blocks(&self, req: &Request) -> Vec<BlockId> {
+        let max_blocks = req.tokens.len().saturating_sub(1) / self.block_size;
+        req.hashes[..max_blocks.min(req.hashes.len())]
+            .iter()
+            .map_while(|h| self.cached.get(h).map(|bs| bs[0]))
+            .collect()
+    }
+
+    /// vLLM's `allocate_slots`: makes `req` hold blocks for its first `num_computed +
+    /// num_new` tokens, taking `new_computed` (from [`BlockPool::computed_blocks`], only when it
+    /// holds none) before allocating from the free queue (evicting), then caches the full
+    /// blocks among those tokens. Nothing changes when the free blocks do not suffice.
+    pub fn allocate_slots(
+        &mut self,
+        req: &mut Request,
+        new_computed: &[BlockId],
+        num_computed: usize,
+        num_new: usize,
+    ) -> Result<(), PoolFull> {
+        debug_assert!(new_computed.is_empty() || req.blocks.is_empty());
+        let upto = num_computed + num_new;
+        let needed = upto
+            .div_ceil(self.block_size)
+            .saturating_sub(req.blocks.len() + new_computed.len());
+        let free_hits = new_computed
+            .iter()
+            .filter(|&&b| self.blocks[b as usize].ref_cnt == 0)
+            .count();
+        let free = self.free_len - free_hits;
+        if needed > free {
+            return Err(PoolFull { needed, free });
+        }
+        for &b in new_computed {
+            self.touch(b);
+        }
+        req.blocks.extend_from_slice(new_computed);
+        if !new_computed.is_empty() {
+            req.num_cached = req.blocks.len();
+        }
+        self.allocate(req, needed);
+        self.cache_blocks(req, upto);
+        Ok(())
+    }
+
+    /// Appends a sampled token to `req` (hashing a block it fills); blocks come with
+    /// [`BlockPool::allocate_slots`] when the token is computed.
+    pub fn push_token(&mut self, req: &mut Request, token: u32) {
+        req.tokens.push(token);
+        if req.tokens.len() % self.block_size == 0 {
+            let start = req.tokens.len() - self.block_size;
+            let parent = req.hashes.last().copied();
+            let h = self.hash_block(parent, &req.tokens[start..], req.lora.as_ref());
+            req.hashes.push(h);
+        }
+    }
+
+    /// Releases `req`'s blocks tail first (vLLM's `free`, on finish, abort or preemption); it
+    /// keeps its tokens and hashes and can be scheduled again.
+    pub fn free(&mut self, req: &mut Request) {
         for &b in req.blocks.iter().rev() {
             let blk = &mut self.blocks[b as usize];
             blk.ref_cnt -= 1;
@@ -355,6 +460,13 @@ impl BlockPool {
                 self.push_free(b);
             }
         }
+        req.blocks.clear();
+        req.num_cached = 0;
+    }
+
+    /// Blocks in the pool, the null block included.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
     }
 
     /// vLLM's `reset_prefix_cache`: refused (false) while a request holds blocks; otherwise
@@ -402,8 +514,15 @@ impl BlockPool {
     }
 
     fn cache_full_blocks(&mut self, req: &mut Request) {
+        let n = req.tokens.len();
+        self.cache_blocks(req, n);
+    }
+
+    /// vLLM's `cache_blocks(request, num_tokens_to_cache)`: the full blocks among the first
+    /// `upto` tokens that are not cached yet, in one `BlockStored`.
+    fn cache_blocks(&mut self, req: &mut Request, upto: usize) {
         let bs = self.block_size;
-        let full = req.tokens.len() / bs;
+        let full = upto.min(req.tokens.len()) / bs;
         if full <= req.num_cached {
             return;
         }
