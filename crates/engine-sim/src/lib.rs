@@ -1,6 +1,8 @@
 //! A vLLM simulator for the demo, tests and benchmarks.
 //!
 //! ```text
+//!  driver::EngineHandle (thread, wall clock, --speed) ──► tokens, ZeroMQ KV events
+//!        │
 //!  requests ──► sched::Scheduler ──step(now)──► tokens, finished, KV events
 //!                 │  waiting queue, running set, chunked prefill, preemption
 //!                 ├─ pool::BlockPool    vLLM's prefix-caching block pool (hashes: vllm_hash)
@@ -12,12 +14,15 @@
 //!   is judged by.
 //! - [`cost`]: the step-time model and its named, calibrated profiles.
 //! - [`sched`]: vLLM v1's scheduler as a pure state machine on a clock.
+//! - [`driver`]: the wall-clock shell: a thread per engine stepping its scheduler, tokens on
+//!   bounded channels, KV events on the sockets; [`EngineHandle`] is what the HTTP layer uses.
 //! - [`engine`]: the one-shot engine and its KV event publisher on real ZeroMQ PUB and ROUTER
 //!   sockets.
 //! - [`tokenizer`]: a deterministic tokenizer behind vLLM's `/tokenize` schema, and the
 //!   deterministic "generation".
 
 pub mod cost;
+pub mod driver;
 pub mod engine;
 pub mod pool;
 pub mod sched;
@@ -25,7 +30,8 @@ pub mod tokenizer;
 pub mod vllm_hash;
 
 pub use cost::{CostModel, StepShape, UnknownProfile};
-pub use engine::{Admitted, Engine, EngineConfig, EngineError, EngineStats, Served};
+pub use driver::{EngineHandle, GenerateRequest, SimConfig, StartError, SubmitError, TokenEvent};
+pub use engine::{Admitted, Engine, EngineConfig, EngineError, EngineStats, KvPublisher, Served};
 pub use pool::{BlockPool, EngineHash, HashAlgo, HashForm, Lora, PoolFull, Request};
 pub use sched::{
     EngineMetrics, FinishReason, Finished, NewRequest, ReqId, SchedConfig, Scheduler, StepOutcome,

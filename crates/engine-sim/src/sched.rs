@@ -111,6 +111,16 @@ pub enum FinishReason {
     Stop,
 }
 
+impl FinishReason {
+    /// The OpenAI `finish_reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        }
+    }
+}
+
 /// A request leaving the waiting queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
