@@ -166,7 +166,7 @@ impl Publisher {
 
 struct Inner {
     pool: BlockPool,
-    publisher: Publisher,
+    publisher: KvPublisher,
     stats: EngineStats,
 }
 
@@ -183,8 +183,106 @@ impl Inner {
         if !events.is_empty() {
             self.stats.batches += 1;
         }
+        self.publisher.publish(events);
+    }
+}
+
+/// vLLM's KV event publisher on its sockets: a PUB that sends one batch per step with
+/// events, and (when configured) a ROUTER on its own thread answering replay requests from
+/// the last `buffer_steps` batches. Dropping it stops and joins the replay thread.
+pub struct KvPublisher {
+    publisher: Publisher,
+    pub_port: u16,
+    replay_port: Option<u16>,
+    stop: Arc<AtomicBool>,
+    replay: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for KvPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvPublisher")
+            .field("pub_port", &self.pub_port)
+            .field("replay_port", &self.replay_port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvPublisher {
+    /// Binds the sockets of `cfg` (its pool fields are not used) and starts the replay thread.
+    pub fn start(cfg: &EngineConfig) -> Result<KvPublisher, EngineError> {
+        let ctx = context();
+        let pub_socket = ctx.socket(zmq::PUB)?;
+        pub_socket.set_sndhwm(100_000)?;
+        pub_socket.set_linger(0)?;
+        let pub_port = bind(&pub_socket, cfg.host, cfg.pub_port)?;
+        let buffer = Arc::new(Mutex::new(VecDeque::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (replay, replay_port) = match cfg.replay_port {
+            Some(port) => {
+                let router = ctx.socket(zmq::ROUTER)?;
+                router.set_linger(0)?;
+                let port = bind(&router, cfg.host, port)?;
+                let (buffer, stop) = (buffer.clone(), stop.clone());
+                let topic = cfg
+                    .replay_with_topic
+                    .then(|| cfg.topic.clone().into_bytes());
+                let handle = std::thread::Builder::new()
+                    .name(format!("sim-replay-{port}"))
+                    .spawn(move || serve_replay(router, buffer, topic, stop))?;
+                (Some(handle), Some(port))
+            }
+            None => (None, None),
+        };
+        Ok(KvPublisher {
+            publisher: Publisher {
+                socket: pub_socket,
+                topic: cfg.topic.clone().into_bytes(),
+                wire: cfg.wire,
+                dp_rank: cfg.dp_rank,
+                next_seq: 0,
+                drop_next: 0,
+                buffer,
+                buffer_steps: cfg.buffer_steps,
+            },
+            pub_port,
+            replay_port,
+            stop,
+            replay,
+        })
+    }
+
+    /// Sends one step's events as one batch (nothing when there are none); a send error is
+    /// logged (a PUB socket drops what it cannot send, as vLLM's does).
+    pub fn publish(&mut self, events: Vec<Event>) {
         if let Err(e) = self.publisher.publish(events) {
             tracing::warn!(error = %e, "publishing a KV event batch");
+        }
+    }
+
+    pub fn pub_port(&self) -> u16 {
+        self.pub_port
+    }
+
+    pub fn replay_port(&self) -> Option<u16> {
+        self.replay_port
+    }
+
+    /// The next `n` batches are buffered for replay but not sent (a lost message).
+    pub fn drop_next_batches(&mut self, n: usize) {
+        self.publisher.drop_next += n;
+    }
+
+    /// The seq the next batch will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.publisher.next_seq
+    }
+}
+
+impl Drop for KvPublisher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.replay.take() {
+            let _ = h.join();
         }
     }
 }
@@ -228,8 +326,6 @@ pub struct Engine {
     vocab: u32,
     pub_port: u16,
     replay_port: Option<u16>,
-    stop: Arc<AtomicBool>,
-    replay: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -244,49 +340,16 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Binds the sockets and starts the replay thread.
     pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
-        let ctx = context();
-        let pub_socket = ctx.socket(zmq::PUB)?;
-        pub_socket.set_sndhwm(100_000)?;
-        pub_socket.set_linger(0)?;
-        let pub_port = bind(&pub_socket, cfg.host, cfg.pub_port)?;
-        let buffer = Arc::new(Mutex::new(VecDeque::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (replay, replay_port) = match cfg.replay_port {
-            Some(port) => {
-                let router = ctx.socket(zmq::ROUTER)?;
-                router.set_linger(0)?;
-                let port = bind(&router, cfg.host, port)?;
-                let (buffer, stop) = (buffer.clone(), stop.clone());
-                let topic = cfg
-                    .replay_with_topic
-                    .then(|| cfg.topic.clone().into_bytes());
-                let handle = std::thread::Builder::new()
-                    .name(format!("sim-replay-{port}"))
-                    .spawn(move || serve_replay(router, buffer, topic, stop))?;
-                (Some(handle), Some(port))
-            }
-            None => (None, None),
-        };
+        let publisher = KvPublisher::start(&cfg)?;
         Ok(Engine {
+            pub_port: publisher.pub_port(),
+            replay_port: publisher.replay_port(),
             inner: Mutex::new(Inner {
                 pool: BlockPool::new(cfg.num_blocks, cfg.block_size, cfg.seed, cfg.hash_form),
-                publisher: Publisher {
-                    socket: pub_socket,
-                    topic: cfg.topic.into_bytes(),
-                    wire: cfg.wire,
-                    dp_rank: cfg.dp_rank,
-                    next_seq: 0,
-                    drop_next: 0,
-                    buffer,
-                    buffer_steps: cfg.buffer_steps,
-                },
+                publisher,
                 stats: EngineStats::default(),
             }),
             vocab: cfg.vocab,
-            pub_port,
-            replay_port,
-            stop,
-            replay,
         })
     }
 
@@ -367,7 +430,7 @@ impl Engine {
 
     /// The next `n` batches are buffered for replay but not sent (a lost message).
     pub fn drop_next_batches(&self, n: usize) {
-        self.inner.lock().publisher.drop_next += n;
+        self.inner.lock().publisher.drop_next_batches(n);
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -376,25 +439,12 @@ impl Engine {
 
     /// The seq the next batch will carry.
     pub fn next_seq(&self) -> u64 {
-        self.inner.lock().publisher.next_seq
+        self.inner.lock().publisher.next_seq()
     }
 
     /// Closes the sockets and joins the replay thread.
-    pub fn shutdown(mut self) {
-        self.stop_replay();
-    }
-
-    fn stop_replay(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.replay.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.stop_replay();
+    pub fn shutdown(self) {
+        drop(self);
     }
 }
 

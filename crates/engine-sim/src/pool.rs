@@ -5,7 +5,7 @@
 //! - block 0 is the null block, taken off the free queue at start; blocks 1..N start free in
 //!   order;
 //! - a request's full blocks are hashed in a chain (parent hash, the block's tokens, the LoRA
-//!   adapter); its longest cached prefix is found block by block, stopping at the first miss,
+//!   adapter), by default with vLLM's own `sha256` ([`crate::vllm_hash`]); its longest cached prefix is found block by block, stopping at the first miss,
 //!   and never covers the last prompt token (vLLM recomputes it for the logits), so a fully
 //!   cached, block-aligned prompt recomputes — and re-announces — its last block;
 //! - hit blocks are touched (taken off the free queue, reference count + 1) before new blocks are
@@ -16,10 +16,23 @@
 //!   keeps each), and evicting one of them announces the hash as removed;
 //! - a finished request's blocks are released tail first: reference count − 1, and blocks that
 //!   reach 0 join the tail of the free queue, so its last blocks are the first to be evicted.
+//!
+//! Two ways in. [`BlockPool::start`] / [`BlockPool::append`] / [`BlockPool::finish`] take a
+//! whole prompt at once (the old one-shot engine). The scheduler's path follows vLLM's
+//! `KVCacheManager` step by step: [`BlockPool::request`] hashes a waiting request,
+//! [`BlockPool::computed_blocks`] finds its cached prefix when it leaves the waiting queue,
+//! [`BlockPool::allocate_slots`] gives it blocks for the tokens scheduled in this step (a
+//! prefill chunk, then one decode token at a time: touch, evict, allocate, then `BlockStored`
+//! for the blocks these tokens fill, at allocation, before they are computed, as vLLM does),
+//! [`BlockPool::push_token`] appends a sampled token, and [`BlockPool::free`] releases the
+//! blocks tail first on finish, abort or preemption (a preempted request keeps its tokens and
+//! finds its prefix again when rescheduled).
 
 use hashbrown::HashMap;
 use kv_events::{BlockHash, BlockRemoved, BlockStored, ByteHash, Event, Medium};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+use crate::vllm_hash;
 
 /// A block's position in the pool.
 pub type BlockId = u32;
@@ -54,11 +67,46 @@ impl HashForm {
     }
 }
 
-/// A LoRA adapter a request runs under (vLLM's `LoRARequest`: id and name).
+/// How the pool hashes blocks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HashAlgo {
+    /// vLLM's `sha256` or `sha256_cbor` ([`crate::vllm_hash`]), chained from `none_hash`
+    /// (vLLM's `NONE_HASH`): the hashes a real vLLM publishes for the same tokens.
+    Vllm {
+        algo: vllm_hash::Algo,
+        none_hash: [u8; 32],
+    },
+    /// A cheaper stand-in (two xxh3-128 over the parent, tokens and LoRA name), keyed by `seed`:
+    /// equality semantics only, not vLLM's bits.
+    Xxh3 { seed: u64 },
+}
+
+impl HashAlgo {
+    /// vLLM's default `sha256` with `NONE_HASH` as vLLM derives it: `seed` 0 plays
+    /// `PYTHONHASHSEED` unset (the fixed `"vllm-none-hash"`, shared by every vLLM), any other
+    /// value plays `PYTHONHASHSEED=<seed>`.
+    pub fn vllm(seed: u64) -> HashAlgo {
+        HashAlgo::vllm_with(vllm_hash::Algo::Sha256, seed)
+    }
+
+    /// [`HashAlgo::vllm`] with another of vLLM's algorithms.
+    pub fn vllm_with(algo: vllm_hash::Algo, seed: u64) -> HashAlgo {
+        let none_hash = if seed == 0 {
+            vllm_hash::none_hash(algo, vllm_hash::DEFAULT_NONE_HASH_SEED)
+        } else {
+            vllm_hash::none_hash(algo, &seed.to_string())
+        };
+        HashAlgo::Vllm { algo, none_hash }
+    }
+}
+
+/// A LoRA adapter a request runs under (vLLM's `LoRARequest`: id, name and path; vLLM 0.33
+/// hashes the name and the path into every block).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lora {
     pub id: i64,
     pub name: String,
+    pub path: String,
 }
 
 #[derive(Clone, Debug)]
@@ -96,13 +144,22 @@ impl Request {
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
+
+    /// Blocks held (hit blocks included).
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
 }
 
 /// The block pool.
 #[derive(Debug)]
 pub struct BlockPool {
     block_size: usize,
-    seed: u64,
+    algo: HashAlgo,
     form: HashForm,
     blocks: Vec<Block>,
     head: BlockId,
@@ -114,9 +171,20 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    /// `num_blocks` blocks (block 0 becomes the null block); `seed` plays vLLM's per-process
-    /// `NONE_HASH`, so two engines (or one engine before and after a restart) hash differently.
+    /// `num_blocks` blocks (block 0 becomes the null block), hashing as vLLM does
+    /// ([`HashAlgo::vllm`]): `seed` 0 gives every pool vLLM's default `NONE_HASH`, another
+    /// value plays `PYTHONHASHSEED`, so two engines seeded apart hash differently.
     pub fn new(num_blocks: usize, block_size: usize, seed: u64, form: HashForm) -> BlockPool {
+        BlockPool::with_algo(num_blocks, block_size, HashAlgo::vllm(seed), form)
+    }
+
+    /// A pool hashing with `algo`.
+    pub fn with_algo(
+        num_blocks: usize,
+        block_size: usize,
+        algo: HashAlgo,
+        form: HashForm,
+    ) -> BlockPool {
         assert!(num_blocks >= 2 && block_size >= 1, "a pool needs blocks");
         let n = num_blocks as BlockId;
         let blocks = (0..n)
@@ -130,7 +198,7 @@ impl BlockPool {
             .collect();
         let mut pool = BlockPool {
             block_size,
-            seed,
+            algo,
             form,
             blocks,
             head: 0,
@@ -151,6 +219,10 @@ impl BlockPool {
         self.block_size
     }
 
+    pub fn hash_algo(&self) -> HashAlgo {
+        self.algo
+    }
+
     pub fn hash_form(&self) -> HashForm {
         self.form
     }
@@ -163,6 +235,11 @@ impl BlockPool {
     /// Blocks that carry a hash.
     pub fn cached_blocks(&self) -> usize {
         self.cached.values().map(Vec::len).sum()
+    }
+
+    /// Events waiting for [`BlockPool::take_events`].
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
     }
 
     /// The events since the last call (one engine step's worth).
@@ -186,6 +263,20 @@ impl BlockPool {
         tokens: &[u32],
         lora: Option<&Lora>,
     ) -> EngineHash {
+        let seed = match self.algo {
+            HashAlgo::Vllm { algo, none_hash } => {
+                let p = parent.map_or(none_hash, |p| p.0);
+                let name = lora.map(|l| (l.name.as_str(), l.path.as_str()));
+                return EngineHash(vllm_hash::hash_block_tokens_lora(
+                    algo,
+                    &mut self.scratch,
+                    &p,
+                    tokens,
+                    name,
+                ));
+            }
+            HashAlgo::Xxh3 { seed } => seed,
+        };
         let buf = &mut self.scratch;
         buf.clear();
         match parent {
@@ -198,8 +289,8 @@ impl BlockPool {
         if let Some(l) = lora {
             buf.extend_from_slice(l.name.as_bytes());
         }
-        let lo = xxh3_128_with_seed(buf, self.seed).to_le_bytes();
-        let hi = xxh3_128_with_seed(buf, self.seed ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+        let lo = xxh3_128_with_seed(buf, seed).to_le_bytes();
+        let hi = xxh3_128_with_seed(buf, seed ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
         let mut h = [0u8; 32];
         h[..16].copy_from_slice(&lo);
         h[16..].copy_from_slice(&hi);
@@ -281,7 +372,87 @@ impl BlockPool {
     }
 
     /// Releases a finished request's blocks, tail first.
-    pub fn finish(&mut self, req: Request) {
+    pub fn finish(&mut self, mut req: Request) {
+        self.free(&mut req);
+    }
+
+    /// A request as it enters vLLM's waiting queue: its tokens hashed block by block, no block
+    /// held. The scheduler then drives it with [`BlockPool::computed_blocks`],
+    /// [`BlockPool::allocate_slots`], [`BlockPool::push_token`] and [`BlockPool::free`].
+    pub fn request(&mut self, prompt: &[u32], lora: Option<Lora>) -> Request {
+        let hashes = self.block_hashes(prompt, lora.as_ref());
+        Request {
+            tokens: prompt.to_vec(),
+            hashes,
+            blocks: Vec::new(),
+            num_cached: 0,
+            lora,
+            hit_tokens: 0,
+            prompt_tokens: prompt.len(),
+        }
+    }
+
+    /// vLLM's `get_computed_blocks` for a request holding no blocks: its longest cached prefix
+    /// of full blocks, never covering its last token. Nothing is touched.
+    pub fn computed_blocks(&self, req: &Request) -> Vec<BlockId> {
+        let max_blocks = req.tokens.len().saturating_sub(1) / self.block_size;
+        req.hashes[..max_blocks.min(req.hashes.len())]
+            .iter()
+            .map_while(|h| self.cached.get(h).map(|bs| bs[0]))
+            .collect()
+    }
+
+    /// vLLM's `allocate_slots`: makes `req` hold blocks for its first `num_computed +
+    /// num_new` tokens, taking `new_computed` (from [`BlockPool::computed_blocks`], only when it
+    /// holds none) before allocating from the free queue (evicting), then caches the full
+    /// blocks among those tokens. Nothing changes when the free blocks do not suffice.
+    pub fn allocate_slots(
+        &mut self,
+        req: &mut Request,
+        new_computed: &[BlockId],
+        num_computed: usize,
+        num_new: usize,
+    ) -> Result<(), PoolFull> {
+        debug_assert!(new_computed.is_empty() || req.blocks.is_empty());
+        let upto = num_computed + num_new;
+        let needed = upto
+            .div_ceil(self.block_size)
+            .saturating_sub(req.blocks.len() + new_computed.len());
+        let free_hits = new_computed
+            .iter()
+            .filter(|&&b| self.blocks[b as usize].ref_cnt == 0)
+            .count();
+        let free = self.free_len - free_hits;
+        if needed > free {
+            return Err(PoolFull { needed, free });
+        }
+        for &b in new_computed {
+            self.touch(b);
+        }
+        req.blocks.extend_from_slice(new_computed);
+        if !new_computed.is_empty() {
+            req.num_cached = req.blocks.len();
+        }
+        self.allocate(req, needed);
+        self.cache_blocks(req, upto);
+        Ok(())
+    }
+
+    /// Appends a sampled token to `req` (hashing a block it fills); blocks come with
+    /// [`BlockPool::allocate_slots`] when the token is computed.
+    pub fn push_token(&mut self, req: &mut Request, token: u32) {
+        req.tokens.push(token);
+        if req.tokens.len() % self.block_size == 0 {
+            let start = req.tokens.len() - self.block_size;
+            let parent = req.hashes.last().copied();
+            let h = self.hash_block(parent, &req.tokens[start..], req.lora.as_ref());
+            req.hashes.push(h);
+        }
+    }
+
+    /// Releases `req`'s blocks tail first (vLLM's `free`, on finish, abort or preemption); it
+    /// keeps its tokens and hashes and can be scheduled again.
+    pub fn free(&mut self, req: &mut Request) {
         for &b in req.blocks.iter().rev() {
             let blk = &mut self.blocks[b as usize];
             blk.ref_cnt -= 1;
@@ -289,6 +460,13 @@ impl BlockPool {
                 self.push_free(b);
             }
         }
+        req.blocks.clear();
+        req.num_cached = 0;
+    }
+
+    /// Blocks in the pool, the null block included.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
     }
 
     /// vLLM's `reset_prefix_cache`: refused (false) while a request holds blocks; otherwise
@@ -336,8 +514,15 @@ impl BlockPool {
     }
 
     fn cache_full_blocks(&mut self, req: &mut Request) {
+        let n = req.tokens.len();
+        self.cache_blocks(req, n);
+    }
+
+    /// vLLM's `cache_blocks(request, num_tokens_to_cache)`: the full blocks among the first
+    /// `upto` tokens that are not cached yet, in one `BlockStored`.
+    fn cache_blocks(&mut self, req: &mut Request, upto: usize) {
         let bs = self.block_size;
-        let full = req.tokens.len() / bs;
+        let full = upto.min(req.tokens.len()) / bs;
         if full <= req.num_cached {
             return;
         }

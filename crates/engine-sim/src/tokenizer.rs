@@ -262,16 +262,36 @@ pub fn detokenize_json(tok: &Tokenizer, req: &Value) -> Result<Value, String> {
 
 /// The `n` tokens an engine generates after `prompt` (a pure function of the prompt).
 pub fn output_tokens(prompt: &[u32], n: usize, vocab: u32) -> Vec<u32> {
-    let mut x = xxh3_64(le_bytes(prompt).as_slice()) | 1;
-    (0..n)
-        .map(|_| {
-            // xorshift64
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            FIRST_WORD_ID + (x % u64::from(vocab - FIRST_WORD_ID)) as u32
-        })
-        .collect()
+    OutputTokens::new(prompt, vocab).take(n).collect()
+}
+
+/// [`output_tokens`] one at a time (an endless iterator).
+#[derive(Debug, Clone)]
+pub struct OutputTokens {
+    x: u64,
+    vocab: u32,
+}
+
+impl OutputTokens {
+    pub fn new(prompt: &[u32], vocab: u32) -> OutputTokens {
+        OutputTokens {
+            x: xxh3_64(le_bytes(prompt).as_slice()) | 1,
+            vocab,
+        }
+    }
+}
+
+impl Iterator for OutputTokens {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        // xorshift64
+        let x = &mut self.x;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        Some(FIRST_WORD_ID + (*x % u64::from(self.vocab - FIRST_WORD_ID)) as u32)
+    }
 }
 
 fn le_bytes(v: &[u32]) -> Vec<u8> {

@@ -39,6 +39,7 @@ impl Server {
         http.loras = vec![Lora {
             id: 1,
             name: "sql-lora".to_owned(),
+            path: "/adapters/sql-lora".to_owned(),
         }];
         let (stop, stopped) = oneshot::channel::<()>();
         let dyn_backend: Arc<dyn Backend> = Arc::new(backend.clone());

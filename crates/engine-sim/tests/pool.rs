@@ -166,6 +166,7 @@ fn hashes_depend_on_seed_lora_and_form() {
     let lora = Lora {
         id: 3,
         name: "sql".into(),
+        path: "/adapters/sql".into(),
     };
     let mut p1 = BlockPool::new(4, BS, 1, HashForm::Int);
     let mut p2 = BlockPool::new(4, BS, 2, HashForm::Bytes);
@@ -234,7 +235,11 @@ proptest! {
     fn events_replay_to_the_pools_contents(ops in prop::collection::vec(op(), 1..60)) {
         let mut pool = BlockPool::new(24, BS, 5, HashForm::Int);
         let prefixes: Vec<Vec<u32>> = (0..4).map(|i| seq(i * 1000, 12)).collect();
-        let lora = Lora { id: 1, name: "a".into() };
+        let lora = Lora {
+            id: 1,
+            name: "a".into(),
+            path: "/a".into(),
+        };
         let mut running = Vec::new();
         let mut held: HashMap<BlockHash, i64> = HashMap::new();
         let mut fresh = 50_000u32;

@@ -209,7 +209,7 @@ async fn models(State(app): AppState) -> Json<Value> {
     data.extend(app.cfg.loras.iter().map(|l| {
         json!({
             "id": l.name, "object": "model", "created": app.created, "owned_by": "vllm",
-            "root": l.name, "parent": base, "max_model_len": null, "permission": permission(),
+            "root": l.path, "parent": base, "max_model_len": null, "permission": permission(),
         })
     }));
     Json(json!({"object": "list", "data": data}))

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::Receiver;
 
-use super::backend::{GenerateRequest, TokenEvent};
+use super::backend::{GenerateRequest, SubmitError, TokenEvent};
 use super::metrics::RequestObserver;
 use super::protocol::{self, ApiError, Endpoint, Head};
 use super::App;
@@ -53,7 +53,10 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, body: &[u8]) -> Result<Resp
             max_tokens,
             lora,
         })
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .map_err(|e| match e {
+            SubmitError::Invalid(m) => ApiError::bad_request(m, None),
+            other => ApiError::unavailable(other.to_string()),
+        })?;
     let reply = Reply {
         app,
         endpoint,
