@@ -9,11 +9,15 @@ use std::time::Duration;
 
 const MODEL: &str = "bench-llm";
 
-async fn engine() -> (
+/// A running engine: its URL, its stop and task, its backend (to read its counters).
+type Engine = (
     String,
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
-) {
+    Arc<dyn Backend>,
+);
+
+async fn engine() -> Engine {
     let backend: Arc<dyn Backend> = Arc::new(InstantBackend::new(InstantConfig {
         num_blocks: 4096,
         max_model_len: 16_384,
@@ -24,10 +28,15 @@ async fn engine() -> (
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, backend, HttpConfig::new(MODEL), async {
-        let _ = stopped.await;
-    }));
-    (url, stop, task)
+    let task = tokio::spawn(serve(
+        listener,
+        backend.clone(),
+        HttpConfig::new(MODEL),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (url, stop, task, backend)
 }
 
 fn config(
@@ -37,7 +46,7 @@ fn config(
     out: Option<std::path::PathBuf>,
 ) -> BenchConfig {
     BenchConfig {
-        url: url.to_owned(),
+        urls: vec![url.to_owned()],
         model: None,
         api: Api::Chat,
         workload,
@@ -55,7 +64,7 @@ fn config(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversations_report_the_servers_cache_hits_and_write_one_line_per_request() {
-    let (url, stop, task) = engine().await;
+    let (url, stop, task, _) = engine().await;
     let out = std::env::temp_dir().join(format!("kvsync-bench-{}.jsonl", std::process::id()));
     let cfg = config(
         &url,
@@ -110,7 +119,7 @@ async fn conversations_report_the_servers_cache_hits_and_write_one_line_per_requ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_loop_sweep_gives_one_summary_per_rate_and_unreachable_servers_are_errors() {
-    let (url, stop, task) = engine().await;
+    let (url, stop, task, _) = engine().await;
     let mut cfg = config(
         &url,
         Workload::SharedPrefix {
@@ -143,4 +152,26 @@ async fn an_open_loop_sweep_gives_one_summary_per_rate_and_unreachable_servers_a
     let s = &run(&cfg).await.expect("bench runs")[0];
     assert_eq!((s.requests, s.errors), (6, 6));
     assert_eq!(s.errors_by_kind.get("connect"), Some(&6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_several_urls() {
+    let (url_a, stop_a, task_a, a) = engine().await;
+    let (url_b, stop_b, task_b, b) = engine().await;
+    let mut cfg = config(
+        &url_a,
+        Workload::Random { prompt_tokens: 20 },
+        vec![Load::Closed { concurrency: 3 }],
+        None,
+    );
+    cfg.urls = vec![url_a, url_b];
+    let s = &run(&cfg).await.expect("bench runs")[0];
+    assert_eq!((s.requests, s.errors), (40, 0));
+    // One-request sessions, in turn: 20 each.
+    assert_eq!(a.stats().requests_finished, 20);
+    assert_eq!(b.stats().requests_finished, 20);
+    for (stop, task) in [(stop_a, task_a), (stop_b, task_b)] {
+        let _ = stop.send(());
+        task.await.expect("join").expect("serve");
+    }
 }

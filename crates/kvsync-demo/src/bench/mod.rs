@@ -47,7 +47,8 @@ pub enum Stop {
 /// A bench run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    pub url: String,
+    /// One or more servers (e.g. gateway replicas): session `i` goes to `urls[i % len]`.
+    pub urls: Vec<String>,
     /// `None`: the first model the server's `/v1/models` lists.
     pub model: Option<String>,
     pub api: Api,
@@ -69,9 +70,11 @@ pub struct BenchConfig {
 /// `kvsync bench`'s flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// The server's base URL, e.g. http://127.0.0.1:8090 (kvsync) or http://POD:8000 (vLLM).
-    #[arg(long)]
-    pub url: String,
+    /// The server's base URL, e.g. http://127.0.0.1:8090 (kvsync) or http://POD:8000 (vLLM);
+    /// several (comma-separated or repeated): sessions spread over them in turn, as clients of
+    /// gateway replicas would.
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub url: Vec<String>,
     /// Model name (default: the first that `/v1/models` lists).
     #[arg(long)]
     pub model: Option<String>,
@@ -199,7 +202,7 @@ impl BenchArgs {
             bail!("--timeout-s must be positive");
         }
         Ok(BenchConfig {
-            url: self.url.clone(),
+            urls: self.url.clone(),
             model: self.model.clone(),
             api,
             workload,
@@ -228,10 +231,18 @@ async fn first_model(url: &str) -> Result<String> {
 
 /// Runs every load of `cfg` in turn on the same requests; one summary per load.
 pub async fn run(cfg: &BenchConfig) -> Result<Vec<Summary>> {
-    let client = OpenAi::new(&cfg.url, cfg.timeout).map_err(anyhow::Error::msg)?;
+    let Some(first_url) = cfg.urls.first() else {
+        bail!("no --url");
+    };
+    let clients: Vec<OpenAi> = cfg
+        .urls
+        .iter()
+        .map(|u| OpenAi::new(u, cfg.timeout))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
     let model = match &cfg.model {
         Some(m) => m.clone(),
-        None => first_model(&cfg.url).await?,
+        None => first_model(first_url).await?,
     };
     let mut out = match &cfg.out {
         Some(p) => Some(std::io::BufWriter::new(
@@ -242,7 +253,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<Summary>> {
     let mut summaries = Vec::new();
     for &load in &cfg.loads {
         let t0 = Instant::now();
-        let records = run_load(cfg, &client, &model, load, t0).await;
+        let records = run_load(cfg, &clients, &model, load, t0).await;
         let wall = t0.elapsed().as_secs_f64();
         let rate = match load {
             Load::Open { rate } => Some(rate),
@@ -286,7 +297,7 @@ impl Shared {
 
 async fn run_load(
     cfg: &BenchConfig,
-    client: &OpenAi,
+    clients: &[OpenAi],
     model: &str,
     load: Load,
     t0: Instant,
@@ -324,7 +335,7 @@ async fn run_load(
     });
     let mut tasks = tokio::task::JoinSet::new();
     let session_ctx = SessionCtx {
-        client: client.clone(),
+        clients: clients.to_vec(),
         model: model.to_owned(),
         api: cfg.api,
         max_tokens: cfg.max_tokens,
@@ -386,7 +397,7 @@ async fn run_load(
 
 #[derive(Clone)]
 struct SessionCtx {
-    client: OpenAi,
+    clients: Vec<OpenAi>,
     model: String,
     api: Api,
     max_tokens: usize,
@@ -402,7 +413,8 @@ async fn run_session(ctx: &SessionCtx, s: &Shared, mut session: Session) -> bool
             return false;
         }
         let body = session.body(ctx.api, &ctx.model, ctx.max_tokens, ctx.ignore_eos);
-        let mut r = ctx.client.stream(ctx.api.path(), &body, ctx.t0).await;
+        let client = &ctx.clients[session.id as usize % ctx.clients.len()];
+        let mut r = client.stream(ctx.api.path(), &body, ctx.t0).await;
         r.session = session.id;
         r.turn = turn;
         let failed = r.error.is_some();
