@@ -8,7 +8,8 @@
 //!   the Llama and Gemma tokenizer classes `add_bos_token`/`add_eos_token`, from which
 //!   `LlamaTokenizerFast.update_post_processor` rebuilds the post-processor;
 //! - `chat_template.jinja` if present (it takes the place of the config's template, as in
-//!   transformers ≥ 4.43), `special_tokens_map.json` for special tokens the config lacks;
+//!   transformers ≥ 4.43); `special_tokens_map.json` if present (its tokens win over the
+//!   config's, as `from_pretrained` reads it last);
 //! - `generation_config.json` if present: `eos_token_id` (a number or a list).
 
 use std::collections::BTreeMap;
@@ -148,12 +149,18 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded, LoadError> {
     let map_path = dir.join("special_tokens_map.json");
     let map = read_json_if_present(&map_path)?;
 
+    // `from_pretrained` reads special_tokens_map.json after the config: its values win.
+    let from_map = |name: &str| {
+        map.as_ref()
+            .and_then(|m| m.get(name))
+            .filter(|v| !v.is_null())
+    };
     let mut special = BTreeMap::new();
     for name in SPECIAL_NAMES {
-        let text = match cfg.get(name) {
-            Some(v) => token_text(v, &cfg_path, name)?,
-            None => match map.as_ref().and_then(|m| m.get(name)) {
-                Some(v) => token_text(v, &map_path, name)?,
+        let text = match from_map(name) {
+            Some(v) => token_text(v, &map_path, name)?,
+            None => match cfg.get(name) {
+                Some(v) => token_text(v, &cfg_path, name)?,
                 None => None,
             },
         };
@@ -162,24 +169,25 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded, LoadError> {
         }
     }
     let mut additional_special = Vec::new();
-    let additional = cfg
-        .get("additional_special_tokens")
-        .or_else(|| map.as_ref()?.get("additional_special_tokens"));
+    let (additional, add_path) = match from_map("additional_special_tokens") {
+        Some(v) => (Some(v), &map_path),
+        None => (cfg.get("additional_special_tokens"), &cfg_path),
+    };
     match additional {
         None | Some(Json::Null) => {}
         Some(Json::Array(items)) => {
             for item in items {
-                if let Some(t) = token_text(item, &cfg_path, "additional_special_tokens")? {
+                if let Some(t) = token_text(item, add_path, "additional_special_tokens")? {
                     additional_special.push(t);
                 }
             }
         }
         Some(_) => {
             return Err(field_err(
-                &cfg_path,
+                add_path,
                 "additional_special_tokens",
                 "must be a list",
-            ))
+            ));
         }
     }
 
