@@ -97,7 +97,7 @@ impl ChatTemplates {
         let mut names = Vec::with_capacity(sources.len());
         for (name, source) in sources {
             let format = detect_content_format(&source);
-            env.add_template_owned(name.clone(), source)
+            env.add_template_owned(name.clone(), without_generation_tags(&source))
                 .map_err(|e| (name.clone(), describe(&e)))?;
             names.push((name, format));
         }
@@ -173,6 +173,40 @@ impl ChatTemplates {
                 None => TemplateError::Render(describe(&e)),
             })
     }
+}
+
+/// `{% generation %}...{% endgeneration %}` (transformers' `AssistantTracker` extension, which
+/// renders its body unchanged) as `{% if true %}...{% endif %}`, keeping whitespace control.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
+        let tag = &rest[start..start + len + 2];
+        let inner = &tag[2..tag.len() - 2];
+        let body = inner
+            .trim_start_matches(['-', '+'])
+            .trim_end_matches(['-', '+']);
+        let replacement = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        out.push_str(&rest[..start]);
+        match replacement {
+            Some(r) => {
+                let open = &inner[..inner.len() - inner.trim_start_matches(['-', '+']).len()];
+                let close = &inner[inner.trim_end_matches(['-', '+']).len()..];
+                out.push_str(&format!("{{%{open} {r} {close}%}}"));
+            }
+            None => out.push_str(tag),
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn raised(e: &Error) -> Option<String> {
@@ -274,6 +308,22 @@ mod tests {
         .expect("render");
         // As Jinja2 under transformers prints it (trim_blocks eats the newline after endfor).
         assert_eq!(out, "<s>None|True|[1, 'a']|{'k': None}|1.0\nHI É[{\"b\": 1, \"a\": \"<é>\"}]|{\n  \"a\": 1\n}|26 Jul 2024");
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        assert_eq!(
+            without_generation_tags("a {%- generation -%} b {% endgeneration %}{% if x %}"),
+            "a {%- if true -%} b {% endif %}{% if x %}"
+        );
+        let t = one(
+            "{% for m in messages %}{% generation %}{{ m.role }}{% endgeneration %}\n{% endfor %}",
+        );
+        assert_eq!(
+            render(&t, json!([{"role": "a"}]), None).expect("render"),
+            "a",
+            "as Jinja2 renders it (trim_blocks)"
+        );
     }
 
     #[test]

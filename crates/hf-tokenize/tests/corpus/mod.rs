@@ -390,7 +390,7 @@ pub fn tiny_tokenizer() -> Json {
 
 /// Its tokenizer_config.json: a Llama-class tokenizer (BOS and EOS added by the post-processor
 /// that `LlamaTokenizerFast` rebuilds from `add_bos_token`/`add_eos_token`), BOS as an
-/// `AddedToken` object, and two named chat templates.
+/// `AddedToken` object, and two named chat templates (one with a `{% generation %}` block).
 pub fn tiny_config() -> Json {
     json!({
         "tokenizer_class": "LlamaTokenizerFast", "add_bos_token": true, "add_eos_token": true,
@@ -398,7 +398,7 @@ pub fn tiny_config() -> Json {
                       "rstrip": false, "single_word": false},
         "eos_token": "</s>", "unk_token": "[UNK]",
         "chat_template": [
-            {"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m.role }} : {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"},
+            {"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m.role }} : {% if m.role == 'assistant' %}\n  {%- generation -%}\n  {{ m.content }}\n  {% endgeneration %}\n{% else %}{{ m.content }}{% endif %} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"},
             {"name": "tool_use", "template": "{{ bos_token }}{% for t in tools %}{{ t.function.name }} {% endfor %}{% for m in messages %}{{ m.role }} : {{ m.content }} {% endfor %}"}
         ]
     })
