@@ -34,7 +34,9 @@ fn real_tokenizer_dir(name: &str) -> Option<PathBuf> {
     None
 }
 
-/// The tiny Llama-class tokenizer of [`corpus::tiny_tokenizer`], written to `dir`.
+/// The tiny Llama-class tokenizer of [`corpus::tiny_tokenizer`], written to `dir`, with a
+/// special_tokens_map.json whose EOS overrides the config's (the post-processor then appends
+/// "world", as transformers reads that file last).
 fn write_tiny(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
@@ -44,7 +46,23 @@ fn write_tiny(dir: &Path) -> std::io::Result<()> {
     std::fs::write(
         dir.join("tokenizer_config.json"),
         corpus::tiny_config().to_string(),
+    )?;
+    std::fs::write(
+        dir.join("special_tokens_map.json"),
+        r#"{"eos_token": "world", "pad_token": {"content": "</s>"}}"#,
     )
+}
+
+/// The tiny tokenizer with [`corpus::FEATURE_TEMPLATE`] as its one chat template.
+fn write_features(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut config = corpus::tiny_config();
+    config["chat_template"] = json!(corpus::FEATURE_TEMPLATE);
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        corpus::tiny_tokenizer().to_string(),
+    )?;
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string())
 }
 
 struct Suite {
@@ -102,6 +120,21 @@ fn tiny_suite(dir: PathBuf) -> Suite {
     }
 }
 
+fn feature_suite(dir: PathBuf) -> Suite {
+    let mut rng = Rng::new(11);
+    let mut chats = chats(&mut rng, true, false);
+    let mut excited = chats.remove(0);
+    excited.request = json!([{"role": "system", "content": "  You are terse.  "}, {"role": "user", "content": "hi there!"}]);
+    excited.messages = excited.request.clone();
+    chats.push(excited);
+    Suite {
+        name: "jinja_features".into(),
+        dir,
+        prompts: Vec::new(),
+        chats,
+    }
+}
+
 fn python() -> PathBuf {
     repo_root().join(".venv/bin/python")
 }
@@ -136,6 +169,8 @@ fn reference(suites: &[Suite], work: &Path) -> Json {
         .arg(&corpus_path)
         .arg(&out_path)
         .env("TRANSFORMERS_VERBOSITY", "error")
+        // strftime_now: Python formats local time, we format the request's time in UTC.
+        .env("TZ", "UTC")
         .output()
         .expect("run .venv/bin/python (made by scripts/setup)");
     assert!(
@@ -167,10 +202,12 @@ fn short(s: &str) -> String {
     format!("{s:?}")
 }
 
-/// Compares one suite; returns the mismatches as readable lines.
-fn check(suite: &Suite, reference: &Json) -> Vec<String> {
+/// Compares one suite; returns the mismatches as readable lines and the number of chats that
+/// both sides refused.
+fn check(suite: &Suite, reference: &Json) -> (Vec<String>, usize) {
     let tok = Tokenizer::from_dir(&suite.dir).expect("load tokenizer");
     let mut bad = Vec::new();
+    let mut refused = 0;
     let want_prompts = reference["prompts"].as_array().expect("prompts");
     assert_eq!(want_prompts.len(), suite.prompts.len());
     for (i, ((text, add), want)) in suite.prompts.iter().zip(want_prompts).enumerate() {
@@ -205,6 +242,7 @@ fn check(suite: &Suite, reference: &Json) -> Vec<String> {
                     short(&text)
                 ));
             }
+            refused += 1;
             continue;
         }
         let want_text = want["text"].as_str().expect("text");
@@ -238,7 +276,7 @@ fn check(suite: &Suite, reference: &Json) -> Vec<String> {
             Err(e) => bad.push(format!("{} chat {i}: {e}", suite.name)),
         }
     }
-    bad
+    (bad, refused)
 }
 
 #[test]
@@ -247,7 +285,9 @@ fn token_ids_match_transformers() {
         .join(format!("hf-tokenize-parity-{}", std::process::id()));
     let tiny_dir = work.join("tiny");
     write_tiny(&tiny_dir).expect("write tiny tokenizer");
-    let mut suites = vec![tiny_suite(tiny_dir)];
+    let features_dir = work.join("features");
+    write_features(&features_dir).expect("write feature tokenizer");
+    let mut suites = vec![tiny_suite(tiny_dir), feature_suite(features_dir)];
     if let Some(dir) = real_tokenizer_dir("qwen3") {
         suites.push(suite(
             "qwen3",
@@ -275,7 +315,15 @@ fn token_ids_match_transformers() {
     let mut bad = Vec::new();
     for s in &suites {
         let long = s.prompts.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
-        bad.extend(check(s, &reference[&s.name]));
+        let (mismatches, refused) = check(s, &reference[&s.name]);
+        bad.extend(mismatches);
+        // A case both sides refuse proves little: the corpus is built so that none are.
+        if refused > 0 {
+            bad.push(format!(
+                "{}: {refused} chats refused by transformers too",
+                s.name
+            ));
+        }
         let longest_ids = reference[&s.name]["prompts"].as_array().map_or(0, |ps| {
             ps.iter()
                 .map(|p| p.as_array().map_or(0, Vec::len))

@@ -403,3 +403,27 @@ pub fn tiny_config() -> Json {
         ]
     })
 }
+
+/// A chat template that exercises the Jinja features real templates use, in both engines:
+/// namespaces, loop controls and loop variables, Python string methods, filters with keyword
+/// arguments (`tojson(indent=..)`, `separators`, `sort_keys`), tests, slicing, arithmetic, and
+/// Python's printing of None, booleans, lists and dicts.
+pub const FEATURE_TEMPLATE: &str = r#"{%- set ns = namespace(count=0, sys='') -%}
+{%- for m in messages -%}
+  {%- if m.role == 'system' -%}{%- set ns.sys = m.content | trim -%}{%- continue -%}{%- endif -%}
+  {%- set ns.count = ns.count + 1 -%}
+  {{- '[' ~ loop.index ~ '/' ~ loop.length ~ '] ' ~ m.role | upper ~ ': ' -}}
+  {{- m.content.split(' ') | reverse | join(' ') if m.content is string else m.content | tojson -}}
+  {%- if m.tool_calls is defined %}
+    {%- for c in m.tool_calls %} call {{ c.function.name }} {{ c.function.arguments | tojson(indent=4) }} {{ c.function.arguments | tojson(sort_keys=true) }}
+      {%- for k, v in c.function.arguments | items %} {{ k }}={{ v }}{% endfor %}
+    {%- endfor %}
+  {%- endif %}
+  {%- if m.content is string and m.content.endswith('!') %} (excited){% endif %}
+  {%- if loop.index > 12 %}{% break %}{% endif %}
+{% endfor -%}
+{{ ns.sys.startswith('You') }} {{ ns.sys[:5] | length }} {{ ns.count }} {{ messages | selectattr('role', 'equalto', 'user') | list | length }} {{ messages | map(attribute='role') | unique | list }}
+{% if tools %}{% for t in tools %}{{ t | tojson(separators=(',', ':')) }} {{ t.function.parameters.properties.keys() | list }}
+{% endfor %}{% endif -%}
+{{ strftime_now('%Y-%m-%d') }} {{ bos_token }} {{ none }} {{ [true, false, none] }} {{ {'a': 1, 'b': [1.5]} }} {{ 3 / 2 }} {{ 7 // 2 }} {{ 2 ** 10 }} {{ 'abc def'.title() }} {{ 'a-b-c'.replace('-', '+') }} {{ 'x,y'.split(',') }} {{ messages[-1].role }} {{ messages[::-1][0].role }}
+{%- if add_generation_prompt %}<gen>{% endif %}"#;
