@@ -52,7 +52,9 @@ pub enum MessageError {
 pub fn detect_content_format(template: &str) -> ContentFormat {
     let mut rest = template;
     while let Some(start) = rest.find("{%") {
-        let tag_end = rest[start..].find("%}").map_or(rest.len(), |e| start + e);
+        let tag_end = rest[start + 2..]
+            .find("%}")
+            .map_or(rest.len(), |e| start + 2 + e);
         let tag = rest[start + 2..tag_end]
             .trim_start_matches(['-', '+'])
             .trim();
@@ -302,6 +304,9 @@ mod tests {
             detect_content_format("{%- for m in messages %}{%- for p in m['content'] %}{{ p.text }}{% endfor %}{% endfor %}"),
             ContentFormat::OpenAi
         );
+        for odd in ["{%}", "{%", "{%-%}x{%", "{% for %}", "{%}%}"] {
+            assert_eq!(detect_content_format(odd), ContentFormat::String, "{odd:?}");
+        }
         assert_eq!(
             detect_content_format("{% for c in message.content %}{% endfor %}"),
             ContentFormat::OpenAi

@@ -181,7 +181,7 @@ fn without_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else {
+        let Some(len) = rest[start + 2..].find("%}").map(|e| e + 2) else {
             break;
         };
         let tag = &rest[start..start + len + 2];
@@ -316,6 +316,10 @@ mod tests {
             without_generation_tags("a {%- generation -%} b {% endgeneration %}{% if x %}"),
             "a {%- if true -%} b {% endif %}{% if x %}"
         );
+        for odd in ["{%}", "{%", "{%}%}", "x{%-%}y{%generation%}"] {
+            let want = odd.replace("{%generation%}", "{% if true %}");
+            assert_eq!(without_generation_tags(odd), want, "{odd:?}");
+        }
         let t = one(
             "{% for m in messages %}{% generation %}{{ m.role }}{% endgeneration %}\n{% endfor %}",
         );
@@ -324,6 +328,19 @@ mod tests {
             "a",
             "as Jinja2 renders it (trim_blocks)"
         );
+    }
+
+    proptest::proptest! {
+        /// Any text (tag fragments included) is scanned without panicking, and text without a
+        /// generation tag comes back unchanged.
+        #[test]
+        fn tag_scanning_never_panics(src in "[{}%+\\- a-z\u{e9}\u{4e2d}]{0,40}") {
+            let out = without_generation_tags(&src);
+            if !src.contains("generation") {
+                proptest::prop_assert_eq!(out, src.clone());
+            }
+            let _ = crate::messages::detect_content_format(&src);
+        }
     }
 
     #[test]
