@@ -311,7 +311,9 @@ fn token_ids_match_transformers() {
         "{} missing: run `bash scripts/setup`",
         python().display()
     );
+    let started = std::time::Instant::now();
     let reference = reference(&suites, &work);
+    let python_took = started.elapsed();
     let mut bad = Vec::new();
     for s in &suites {
         let long = s.prompts.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
@@ -341,6 +343,11 @@ fn token_ids_match_transformers() {
             s.chats.iter().filter(|c| c.tools.is_some()).count(),
         );
     }
+    println!(
+        "parity timing: transformers {:.1} s, this crate {:.1} s (an unoptimized build in `cargo test`)",
+        python_took.as_secs_f64(),
+        (started.elapsed() - python_took).as_secs_f64()
+    );
     let _ = std::fs::remove_dir_all(&work);
     assert!(
         bad.is_empty(),
