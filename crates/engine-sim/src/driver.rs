@@ -324,6 +324,14 @@ fn run(shared: &Shared) {
             continue;
         }
         let out = st.sched.step(shared.engine_now());
+        if out.is_idle() {
+            // Cannot happen (a lone request always fits the pool, `Scheduler::new` checks);
+            // waiting for a change beats spinning if it ever does.
+            tracing::error!("work waits but nothing could be scheduled");
+            st.publisher.publish(out.events);
+            shared.wake.wait(&mut st);
+            continue;
+        }
         let deadline = shared.wall_at(out.end);
         while !st.shutdown && Instant::now() < deadline {
             shared.wake.wait_until(&mut st, deadline);

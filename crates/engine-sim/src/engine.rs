@@ -1,6 +1,7 @@
-//! One simulated vLLM engine: a [`BlockPool`], and vLLM's ZeroMQ event publisher — a PUB socket
-//! that binds and sends `[topic, seq, payload]` per engine step with events, and a ROUTER that
-//! answers replay requests from a bounded buffer of the last `buffer_steps` batches.
+//! One simulated vLLM engine served at once (no clock): a [`BlockPool`], and vLLM's ZeroMQ
+//! event publisher ([`KvPublisher`], shared with the driver) — a PUB socket that binds and
+//! sends `[topic, seq, payload]` per engine step with events, and a ROUTER that answers replay
+//! requests from a bounded buffer of the last `buffer_steps` batches.
 
 use crate::pool::{BlockPool, HashForm, Lora, PoolFull, Request};
 use crate::tokenizer::output_tokens;
@@ -34,7 +35,8 @@ pub struct EngineConfig {
     pub dp_rank: Option<u32>,
     /// Batches kept for replay (vLLM's `buffer_steps`).
     pub buffer_steps: usize,
-    /// Seeds the block hashes (vLLM's per-process `NONE_HASH`).
+    /// Seeds the block hashes' root (vLLM's `NONE_HASH`): 0 is vLLM's default (the fixed
+    /// `"vllm-none-hash"`, the same on every engine), another value plays `PYTHONHASHSEED`.
     pub seed: u64,
     /// Token ids of generated output are drawn from `[1000, vocab)`.
     pub vocab: u32,

@@ -273,11 +273,12 @@ impl Scheduler {
     }
 
     pub fn is_running(&self, id: ReqId) -> bool {
-        self.reqs.contains_key(&id) && self.running.contains(&id)
+        self.running.contains(&id)
     }
 
-    /// Queues a request at the back of the waiting queue. `now` is its arrival time; it is
-    /// scheduled by the first step that starts at or after it.
+    /// Queues a request at the back of the waiting queue (first come, first served: the order
+    /// of the calls). `now`, its arrival, is not needed by the policy: it is scheduled by the
+    /// next step, which starts at or after it.
     pub fn add(&mut self, r: NewRequest, now: f64) -> Result<(), AddError> {
         let _ = now;
         if r.prompt.is_empty() {
@@ -380,7 +381,7 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
-            let e = self.reqs.get_mut(&id).expect("running requests are known");
+            let e = &self.reqs[&id];
             let n = (e.req.tokens().len() - e.computed).min(*budget);
             let mut scheduled = false;
             loop {

@@ -160,6 +160,69 @@ fn a_recomputed_last_block_is_a_second_copy_whose_removal_is_announced() {
     pool.check();
 }
 
+/// The scheduler's path (vLLM's `allocate_slots`): blocks come chunk by chunk, each chunk's
+/// full blocks stored with the previous chunk's last block as parent, a decode token's block
+/// stored when the step that computes its last token is scheduled; the same hashes as the
+/// one-shot path. A preempted request frees tail first and finds its prefix again.
+#[test]
+fn chunked_allocation_stores_block_by_chunk_and_preemption_frees() {
+    let mut pool = BlockPool::new(12, BS, 0, HashForm::Int);
+    let p = seq(10, 18);
+    let h = ext(&mut pool, &p);
+    let mut r = pool.request(&p, None);
+    assert_eq!((r.num_blocks(), pool.pending_events()), (0, 0));
+    assert!(pool.computed_blocks(&r).is_empty());
+    // Chunk 1: tokens 0..6 → 2 blocks, 1 full.
+    pool.allocate_slots(&mut r, &[], 0, 6).expect("room");
+    assert_eq!(pool.take_events(), vec![stored(vec![h[0]], None, &p[..4])]);
+    // Chunk 2: tokens 6..18 → 5 blocks, full up to 16.
+    pool.allocate_slots(&mut r, &[], 6, 12).expect("room");
+    assert_eq!(
+        pool.take_events(),
+        vec![stored(h[1..4].to_vec(), Some(h[0]), &p[4..16])]
+    );
+    assert_eq!(r.num_blocks(), 5);
+    // Decode: two sampled tokens fill block 4 (tokens 16..20); it is stored when the step
+    // computing token 19 is scheduled.
+    pool.push_token(&mut r, 900);
+    pool.allocate_slots(&mut r, &[], 18, 1).expect("room");
+    assert_eq!(pool.take_events(), vec![]);
+    pool.push_token(&mut r, 901);
+    pool.allocate_slots(&mut r, &[], 19, 1).expect("room");
+    let full = [&p[..], &[900, 901]].concat();
+    let hf = ext(&mut pool, &full);
+    assert_eq!(hf[..4], h[..]);
+    assert_eq!(
+        pool.take_events(),
+        vec![stored(vec![hf[4]], Some(h[3]), &full[16..20])]
+    );
+    // Not enough room: nothing changes.
+    let free = pool.free_blocks();
+    let err = pool
+        .allocate_slots(&mut r, &[], 20, 40)
+        .expect_err("too many");
+    assert_eq!((err.free, pool.free_blocks()), (free, free));
+    // Preempted: freed, then readmitted with its five full blocks as the hit (never its last
+    // token's block).
+    pool.free(&mut r);
+    pool.check();
+    assert_eq!(pool.free_blocks(), 11);
+    let hit = pool.computed_blocks(&r);
+    assert_eq!(
+        hit.len(),
+        4,
+        "20 tokens: the hit stops before the last token's block"
+    );
+    pool.allocate_slots(&mut r, &hit, 16, 4).expect("room");
+    assert_eq!(
+        pool.take_events(),
+        vec![stored(vec![hf[4]], Some(h[3]), &full[16..20])],
+        "the recomputed last block is stored again"
+    );
+    pool.free(&mut r);
+    pool.check();
+}
+
 #[test]
 fn hashes_depend_on_seed_lora_and_form() {
     let t = seq(0, 8);

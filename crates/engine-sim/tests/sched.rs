@@ -464,3 +464,57 @@ fn reset_is_refused_while_blocks_are_held() {
     assert!(out.is_idle());
     assert_eq!(out.events, vec![Event::AllBlocksCleared]);
 }
+
+/// A long prompt arriving while others decode is chunked into their steps: those steps carry
+/// both decodes and a prefill chunk, and last longer than the pure decode steps around them.
+#[test]
+fn chunked_prefill_shares_steps_with_decode() {
+    let mut s = scheduler(
+        2048,
+        16,
+        SchedConfig {
+            max_num_batched_tokens: 512,
+            vocab: VOCAB,
+            ..SchedConfig::default()
+        },
+    );
+    for id in 0..4u64 {
+        let r = NewRequest {
+            id,
+            prompt: (0..64).map(|i| id as u32 * 1000 + i).collect(),
+            max_tokens: 40,
+            lora: None,
+        };
+        s.add(r, 0.0).expect("valid");
+    }
+    let mut clock = 0.0;
+    for _ in 0..5 {
+        clock = s.step(clock).end;
+    }
+    let decode_only = s.step(clock);
+    assert_eq!(
+        (
+            decode_only.shape.decode_seqs,
+            decode_only.shape.prefill_tokens
+        ),
+        (4, 0)
+    );
+    let long = NewRequest {
+        id: 9,
+        prompt: (50_000..52_000).collect(),
+        max_tokens: 1,
+        lora: None,
+    };
+    s.add(long, decode_only.end).expect("valid");
+    let mixed = s.step(decode_only.end);
+    // Four decodes first, then 508 tokens of the new prompt.
+    assert_eq!(
+        (mixed.shape.decode_seqs, mixed.shape.prefill_tokens),
+        (4, 508)
+    );
+    assert_eq!(mixed.tokens.len(), 4, "the chunk samples nothing");
+    assert!(mixed.end - mixed.start > 5.0 * (decode_only.end - decode_only.start));
+    let cost = CostModel::default();
+    let want = cost.step_time(&mixed.shape);
+    assert!((mixed.end - mixed.start - want).abs() < 1e-12);
+}
