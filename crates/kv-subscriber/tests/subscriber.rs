@@ -324,6 +324,42 @@ async fn malformed_frames_are_counted_and_skipped() {
     assert_eq!(s.counters.malformed.load(Relaxed), 1);
 }
 
+/// A peer that sends seq u64::MAX, live or in a replay, must not take down the poller thread
+/// that serves every pod (`seq + 1` overflows) nor wrap the expected seq: the frame is refused,
+/// counted, and the subscriber goes on, losing nothing real.
+#[tokio::test]
+async fn a_batch_under_seq_u64_max_live_or_replayed_is_a_counted_bad_frame() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let mut s = subscribe(&hub, &p, true);
+    s.live().await;
+    let n = prime(&mut p, &mut s, 0).await;
+    let max = u64::MAX.to_be_bytes();
+    p.raw(&[b"kv-events", &max, &payload(n)]);
+    // Replayed: the buffer holds n (lost live) and a batch under u64::MAX; n + 1 asks for it.
+    p.skip(n, &payload(n));
+    p.skip(u64::MAX, &payload(n));
+    p.send(n + 1, &payload(n + 1));
+    s.repaired_gap().await;
+    p.send(n + 2, &payload(n + 2));
+    s.batch(n + 2).await;
+    let bad: Vec<&FrameError> = s
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            SubscriberEvent::BadFrame(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bad, [&FrameError::ReservedSeq; 2], "{:?}", s.seen);
+    assert_eq!(s.batches(), (0..n + 3).collect::<Vec<u64>>());
+    assert!(s.gaps().iter().all(|g| g.2), "nothing lost: {:?}", s.gaps());
+    let c = &s.counters;
+    assert_eq!(c.bad_frames.load(Relaxed), 2);
+    assert_eq!(c.batches_lost.load(Relaxed), 0);
+    assert_eq!(c.next_seq.load(Relaxed), n + 3);
+}
+
 #[tokio::test]
 async fn a_pod_not_up_yet_neither_blocks_nor_fails_and_is_joined_when_it_comes() {
     let hub = Hub::start().expect("hub");
