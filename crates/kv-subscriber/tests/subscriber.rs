@@ -360,6 +360,31 @@ async fn a_batch_under_seq_u64_max_live_or_replayed_is_a_counted_bad_frame() {
     assert_eq!(c.next_seq.load(Relaxed), n + 3);
 }
 
+/// A peer can claim gaps of ~2^64 batches again and again (seq u64::MAX - 1, then a restart
+/// at 0, then u64::MAX - 1 again): the lost-batches counter saturates, it never wraps (a
+/// Prometheus counter that goes back reads as a reset).
+#[tokio::test]
+async fn huge_gaps_saturate_the_lost_batches_counter() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let mut s = subscribe(&hub, &p, false);
+    s.live().await;
+    let n = prime(&mut p, &mut s, 0).await;
+    // Seqs published before the subscription was through count as lost: count from here.
+    let lost = s.counters.batches_lost.load(Relaxed);
+    let top = u64::MAX - 1;
+    p.send(top, &payload(n));
+    s.batch(top).await;
+    assert_eq!(s.counters.batches_lost.load(Relaxed), lost + (top - n));
+    p.send(0, &payload(n)); // a restart
+    s.batch(0).await;
+    p.send(top, &payload(n));
+    s.batch(top).await;
+    assert!(s.gaps().contains(&(1, top - 1, false)), "{:?}", s.gaps());
+    assert_eq!(s.counters.batches_lost.load(Relaxed), u64::MAX);
+    assert_eq!(s.counters.next_seq.load(Relaxed), u64::MAX);
+}
+
 #[tokio::test]
 async fn a_pod_not_up_yet_neither_blocks_nor_fails_and_is_joined_when_it_comes() {
     let hub = Hub::start().expect("hub");
