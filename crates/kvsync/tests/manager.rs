@@ -281,9 +281,17 @@ async fn ip_change_replaces_the_subscriber_and_drops_the_old_blocks() {
         f.stats.subscriptions_started.load(Relaxed) == 2
     })
     .await;
-    // The old IP still publishes, but the one subscriber left is on the new IP.
-    a.send(seq, &stored(seq, 0));
+    // The old IP still publishes, but the one subscriber left is on the new IP. The old IP's
+    // batch stores another block: were it the test's block, a subscriber still on the old IP
+    // would make `feed` from the new one return at once, having proven nothing.
+    let old = [9, 10, 11, 12];
+    a.send(seq, &stored_block(seq, 0, 79, old));
     f.feed(&mut b, "ml/vllm-0", 0, 0).await;
+    assert_eq!(
+        f.held_tokens("ml/vllm-0", 0, &old),
+        0,
+        "the old IP's batch was not applied"
+    );
     assert_eq!(
         f.stats.workers_running.load(Relaxed),
         1,
