@@ -16,6 +16,10 @@ pub enum FrameError {
     SeqLength(usize),
     #[error("replay reply does not start with the empty delimiter frame")]
     NoDelimiter,
+    /// A batch under seq `0xff × 8`: vLLM counts batches from 0 and uses that seq only for the
+    /// replay end marker (`END_SEQ` in `vllm/distributed/kv_events.py`); no seq follows it.
+    #[error("batch under seq 0xffffffffffffffff, which only the replay end marker carries")]
+    ReservedSeq,
 }
 
 /// A live PUB message `[topic, seq, payload]`.
@@ -46,12 +50,20 @@ fn seq_of(frame: &[u8]) -> Result<u64, FrameError> {
     Ok(u64::from_be_bytes(b))
 }
 
+/// A batch's seq: never the end marker's, so `seq + 1` always exists.
+fn batch_seq(seq: u64) -> Result<u64, FrameError> {
+    if seq == REPLAY_END_SEQ {
+        return Err(FrameError::ReservedSeq);
+    }
+    Ok(seq)
+}
+
 /// Parses a live message.
 pub fn parse_live<F: AsRef<[u8]>>(frames: &[F]) -> Result<LiveMessage<'_>, FrameError> {
     match frames {
         [topic, seq, payload] => Ok(LiveMessage {
             topic: topic.as_ref(),
-            seq: seq_of(seq.as_ref())?,
+            seq: batch_seq(seq_of(seq.as_ref())?)?,
             payload: payload.as_ref(),
         }),
         _ => Err(FrameError::FrameCount {
@@ -90,7 +102,7 @@ pub fn parse_replay<F: AsRef<[u8]>>(frames: &[F]) -> Result<ReplayMessage<'_>, F
     }
     Ok(ReplayMessage::Batch {
         topic,
-        seq,
+        seq: batch_seq(seq)?,
         payload,
     })
 }
@@ -126,6 +138,21 @@ mod tests {
         ));
         let short = [b"kv".to_vec(), vec![0; 7], vec![0x90]];
         assert_eq!(parse_live(&short), Err(FrameError::SeqLength(7)));
+    }
+
+    /// vLLM numbers batches from 0 (`itertools.count()`); seq 0xff × 8 is only ever the replay
+    /// end marker's (`END_SEQ`, with an empty payload). A batch under it is malformed.
+    #[test]
+    fn a_batch_under_the_end_markers_seq_is_refused() {
+        let max = u64::MAX.to_be_bytes().to_vec();
+        let live = [b"kv".to_vec(), max.clone(), vec![0x90]];
+        assert_eq!(parse_live(&live), Err(FrameError::ReservedSeq));
+        let old = [vec![], max.clone(), vec![0x92]];
+        let new = [vec![], b"kv".to_vec(), max.clone(), vec![0x92]];
+        assert_eq!(parse_replay(&old), Err(FrameError::ReservedSeq));
+        assert_eq!(parse_replay(&new), Err(FrameError::ReservedSeq));
+        let below = (u64::MAX - 1).to_be_bytes().to_vec();
+        assert!(parse_live(&[b"kv".to_vec(), below, vec![0x90]]).is_ok());
     }
 
     #[test]

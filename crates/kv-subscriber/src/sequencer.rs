@@ -27,6 +27,8 @@
 //!   from the last seq delivered and checks that batch is the one delivered (its length and
 //!   first bytes, which carry the batch's timestamp); anything else — another batch under that
 //!   seq, a later first seq, no batch at all — is a restart, learnt again from 0.
+//! - Seq u64::MAX is malformed (vLLM counts from 0 and uses `0xff × 8` only for the replay end
+//!   marker): counted in `bad_seqs` and skipped, so `seq + 1` never overflows nor wraps.
 
 use kv_events::EventBatch;
 use kv_events::{decode, DecodeError};
@@ -107,6 +109,9 @@ pub struct Sequencer {
     max_held: usize,
     /// Live messages dropped because `held` was full (they show up as unrepaired gaps).
     pub held_overflow: u64,
+    /// Batches refused because their seq is u64::MAX (no seq can follow it; vLLM never sends
+    /// it for a batch): malformed input, skipped.
+    pub bad_seqs: u64,
 }
 
 impl Sequencer {
@@ -122,6 +127,7 @@ impl Sequencer {
             held: VecDeque::new(),
             max_held: max_held.max(1),
             held_overflow: 0,
+            bad_seqs: 0,
         }
     }
 
@@ -161,8 +167,19 @@ impl Sequencer {
         Some(Action::RequestReplay(from))
     }
 
+    /// Refuses seq u64::MAX (counted in `bad_seqs`): with it, every `seq + 1` below is safe.
+    /// The frame parsers refuse it already; this keeps the core sound for any caller.
+    fn bad_seq(&mut self, seq: u64) -> bool {
+        let bad = seq == u64::MAX;
+        self.bad_seqs = self.bad_seqs.saturating_add(u64::from(bad));
+        bad
+    }
+
     /// A live message.
     pub fn on_live(&mut self, seq: u64, payload: &[u8], out: &mut Vec<Delivery>) -> Option<Action> {
+        if self.bad_seq(seq) {
+            return None;
+        }
         if self.is_replaying() {
             self.hold(seq, payload);
             return None;
@@ -262,6 +279,9 @@ impl Sequencer {
 
     /// One replayed batch.
     pub fn on_replay(&mut self, seq: u64, payload: &[u8], out: &mut Vec<Delivery>) {
+        if self.bad_seq(seq) {
+            return;
+        }
         let Mode::Replaying {
             from,
             first,
@@ -686,6 +706,125 @@ mod tests {
         assert_eq!(s.held_overflow, 2);
         s.on_replay_end(&mut out); // the engine had nothing buffered before 0
         assert_eq!(view(&out), ["gap 0-1 lost", "2", "3"]);
+    }
+
+    /// vLLM never numbers a batch u64::MAX (its seqs count from 0; 0xff × 8 is the replay end
+    /// marker's): such a seq, live or replayed, is malformed input. It is counted and skipped,
+    /// and neither panics (`seq + 1` in a debug build) nor wraps `next` to 0 (release), which
+    /// would take every later batch for a restart.
+    #[test]
+    fn a_seq_of_u64_max_is_counted_and_skipped_live_and_replayed() {
+        for replay in [false, true] {
+            let mut s = Sequencer::new(replay, 16);
+            let mut out = Vec::new();
+            if replay {
+                s.on_connected();
+                s.on_replay_end(&mut out);
+            }
+            s.on_live(0, &payload(0), &mut out);
+            assert_eq!(s.on_live(u64::MAX, &payload(1), &mut out), None);
+            s.on_live(1, &payload(1), &mut out);
+            assert_eq!(view(&out), ["0", "1"], "replay {replay}");
+            assert_eq!(s.bad_seqs, 1);
+            assert_eq!(s.next_seq(), Some(2));
+        }
+        // Replayed: a gap 1..=2 asks for a replay, which carries u64::MAX among real batches.
+        let mut s = Sequencer::new(true, 16);
+        let mut out = Vec::new();
+        s.on_connected();
+        s.on_replay_end(&mut out);
+        s.on_live(0, &payload(0), &mut out);
+        assert_eq!(
+            s.on_live(3, &payload(3), &mut out),
+            Some(Action::RequestReplay(1))
+        );
+        s.on_replay(1, &payload(1), &mut out);
+        s.on_replay(u64::MAX, &payload(2), &mut out);
+        s.on_replay(2, &payload(2), &mut out);
+        s.on_replay(3, &payload(3), &mut out);
+        s.on_replay_end(&mut out);
+        assert_eq!(view(&out), ["0", "1", "2", "3", "gap 1-2 repaired"]);
+        assert_eq!(s.bad_seqs, 1);
+        // The highest seq vLLM could send is delivered, and nothing follows it.
+        let mut s = Sequencer::new(false, 16);
+        let mut out = Vec::new();
+        s.on_live(u64::MAX - 1, &payload(0), &mut out);
+        s.on_live(u64::MAX, &payload(0), &mut out);
+        assert_eq!(s.next_seq(), Some(u64::MAX));
+        assert_eq!(s.bad_seqs, 1);
+        assert!(matches!(
+            out.as_slice(),
+            [Delivery::Gap { from: 0, to, repaired: false }, Delivery::Batch(q, _)]
+                if *to == u64::MAX - 2 && *q == u64::MAX - 1
+        ));
+    }
+
+    /// Any wire seqs in any order, near 0 and near u64::MAX, through every entry point: never
+    /// a panic (debug builds check overflow), never a batch under u64::MAX, gaps well formed.
+    mod hostile_seqs {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Connected,
+            Live(u64),
+            Replay(u64),
+            End,
+            Timeout,
+        }
+
+        fn seq() -> impl Strategy<Value = u64> {
+            prop_oneof![0u64..4, (u64::MAX - 3)..=u64::MAX, any::<u64>()]
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                Just(Op::Connected),
+                seq().prop_map(Op::Live),
+                seq().prop_map(Op::Replay),
+                Just(Op::End),
+                Just(Op::Timeout),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn any_wire_seq_is_handled_without_overflow(
+                replay in any::<bool>(),
+                resume in proptest::option::of(seq()),
+                ops in proptest::collection::vec(op(), 1..24),
+            ) {
+                let mut s = Sequencer::new(replay, 4);
+                if let Some(n) = resume {
+                    s.resume_at(n);
+                }
+                let mut out = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Connected => {
+                            s.on_connected();
+                        }
+                        Op::Live(q) => {
+                            s.on_live(q, &payload(0), &mut out);
+                        }
+                        Op::Replay(q) => s.on_replay(q, &payload(0), &mut out),
+                        Op::End => {
+                            s.on_replay_end(&mut out);
+                        }
+                        Op::Timeout => s.on_replay_timeout(&mut out),
+                    }
+                }
+                for d in &out {
+                    match d {
+                        Delivery::Batch(q, _) => prop_assert!(*q != u64::MAX),
+                        Delivery::Gap { from, to, .. } => prop_assert!(from <= to && *to != u64::MAX, "{:?}", d),
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Fault injection: a publisher whose live messages are dropped at random, with a replay

@@ -378,7 +378,8 @@ impl Sub {
         for d in out {
             match &d {
                 Delivery::Batch(seq, b) => {
-                    c.next_seq.store(seq + 1, Relaxed);
+                    // A delivered seq is below u64::MAX (the sequencer refuses that one).
+                    c.next_seq.store(seq.saturating_add(1), Relaxed);
                     if let Some(got) = b
                         .data_parallel_rank
                         .filter(|g| self.cfg.dp_rank.is_some_and(|want| *g != want))
@@ -394,7 +395,12 @@ impl Sub {
                     c.gaps_repaired.fetch_add(1, Relaxed);
                 }
                 Delivery::Gap { from, to, .. } => {
-                    c.batches_lost.fetch_add(to - from + 1, Relaxed);
+                    // A hostile peer can report gaps of ~2^64 batches again and again: the
+                    // total saturates instead of wrapping (a counter must never go back).
+                    let n = (to - from).saturating_add(1);
+                    let _ = c
+                        .batches_lost
+                        .fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(n)));
                 }
                 Delivery::Restarted { .. } => {
                     c.restarts.fetch_add(1, Relaxed);

@@ -324,6 +324,67 @@ async fn malformed_frames_are_counted_and_skipped() {
     assert_eq!(s.counters.malformed.load(Relaxed), 1);
 }
 
+/// A peer that sends seq u64::MAX, live or in a replay, must not take down the poller thread
+/// that serves every pod (`seq + 1` overflows) nor wrap the expected seq: the frame is refused,
+/// counted, and the subscriber goes on, losing nothing real.
+#[tokio::test]
+async fn a_batch_under_seq_u64_max_live_or_replayed_is_a_counted_bad_frame() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let mut s = subscribe(&hub, &p, true);
+    s.live().await;
+    let n = prime(&mut p, &mut s, 0).await;
+    let max = u64::MAX.to_be_bytes();
+    p.raw(&[b"kv-events", &max, &payload(n)]);
+    // Replayed: the buffer holds n (lost live) and a batch under u64::MAX; n + 1 asks for it.
+    p.skip(n, &payload(n));
+    p.skip(u64::MAX, &payload(n));
+    p.send(n + 1, &payload(n + 1));
+    s.repaired_gap().await;
+    p.send(n + 2, &payload(n + 2));
+    s.batch(n + 2).await;
+    let bad: Vec<&FrameError> = s
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            SubscriberEvent::BadFrame(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bad, [&FrameError::ReservedSeq; 2], "{:?}", s.seen);
+    assert_eq!(s.batches(), (0..n + 3).collect::<Vec<u64>>());
+    assert!(s.gaps().iter().all(|g| g.2), "nothing lost: {:?}", s.gaps());
+    let c = &s.counters;
+    assert_eq!(c.bad_frames.load(Relaxed), 2);
+    assert_eq!(c.batches_lost.load(Relaxed), 0);
+    assert_eq!(c.next_seq.load(Relaxed), n + 3);
+}
+
+/// A peer can claim gaps of ~2^64 batches again and again (seq u64::MAX - 1, then a restart
+/// at 0, then u64::MAX - 1 again): the lost-batches counter saturates, it never wraps (a
+/// Prometheus counter that goes back reads as a reset).
+#[tokio::test]
+async fn huge_gaps_saturate_the_lost_batches_counter() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let mut s = subscribe(&hub, &p, false);
+    s.live().await;
+    let n = prime(&mut p, &mut s, 0).await;
+    // Seqs published before the subscription was through count as lost: count from here.
+    let lost = s.counters.batches_lost.load(Relaxed);
+    let top = u64::MAX - 1;
+    p.send(top, &payload(n));
+    s.batch(top).await;
+    assert_eq!(s.counters.batches_lost.load(Relaxed), lost + (top - n));
+    p.send(0, &payload(n)); // a restart
+    s.batch(0).await;
+    p.send(top, &payload(n));
+    s.batch(top).await;
+    assert!(s.gaps().contains(&(1, top - 1, false)), "{:?}", s.gaps());
+    assert_eq!(s.counters.batches_lost.load(Relaxed), u64::MAX);
+    assert_eq!(s.counters.next_seq.load(Relaxed), u64::MAX);
+}
+
 #[tokio::test]
 async fn a_pod_not_up_yet_neither_blocks_nor_fails_and_is_joined_when_it_comes() {
     let hub = Hub::start().expect("hub");

@@ -11,8 +11,8 @@ use apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::Pod;
 use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
 use kv_subscriber::Hub;
-use kvsync::manager::{Manager, ManagerConfig, ManagerStats};
-use kvsync::pods::source;
+use kvsync::manager::{Manager, ManagerConfig, ManagerStats, PodTable};
+use kvsync::pods::{source, Ineligible};
 use prefix_index::{Index, IndexConfig};
 use serde_json::json;
 use std::hash::{BuildHasher, Hasher};
@@ -84,12 +84,17 @@ fn ready_pod_with(
 }
 
 fn stored(seq: u64, rank: u32) -> Vec<u8> {
+    stored_block(seq, rank, 77, [1, 2, 3, 4])
+}
+
+/// A batch storing one block, `hash` over `tokens`.
+fn stored_block(seq: u64, rank: u32, hash: u64, tokens: [u32; 4]) -> Vec<u8> {
     encode(
         &EventBatch {
             ts: seq as f64,
             events: vec![Event::BlockStored(BlockStored {
-                block_hashes: vec![BlockHash::Uint(77)],
-                token_ids: vec![1, 2, 3, 4],
+                block_hashes: vec![BlockHash::Uint(hash)],
+                token_ids: tokens.to_vec(),
                 block_size: 4,
                 ..Default::default()
             })],
@@ -113,6 +118,7 @@ struct Fixture {
     index: Arc<Index>,
     hub: Arc<Hub>,
     stats: Arc<ManagerStats>,
+    pods: PodTable,
     tracker: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -124,7 +130,7 @@ impl Fixture {
         let index = Arc::new(Index::new(IndexConfig::default()));
         let hub = Arc::new(Hub::start().expect("hub"));
         let m = Manager::new(cfg, index.clone(), Some(hub.clone()));
-        let (stats, tracker) = (m.stats(), m.tracker());
+        let (stats, tracker, pods) = (m.stats(), m.tracker(), m.pods());
         let mut ready = m.ready();
         let shutdown = CancellationToken::new();
         let events = source::kubernetes(api.client(), &[]);
@@ -138,6 +144,7 @@ impl Fixture {
             index,
             hub,
             stats,
+            pods,
             tracker,
             shutdown,
             task,
@@ -146,8 +153,13 @@ impl Fixture {
 
     /// Blocks the worker holds for the test's block (tokens 1..=4).
     fn held_by(&self, pod: &str, rank: u32) -> u32 {
+        self.held_tokens(pod, rank, &[1, 2, 3, 4])
+    }
+
+    /// Blocks the worker holds of a prefix of `tokens`.
+    fn held_tokens(&self, pod: &str, rank: u32, tokens: &[u32]) -> u32 {
         self.index
-            .lookup(MODEL, None, &[1, 2, 3, 4])
+            .lookup(MODEL, None, tokens)
             .matches
             .iter()
             .find(|m| &*m.worker.pod == pod && m.worker.dp_rank == rank)
@@ -216,11 +228,24 @@ async fn subscribed_exactly_once_and_only_when_ready() {
         ports,
         json!({}),
     ));
-    // A change that the pod table reflects, to know the Running/not Ready state was handled.
+    // The pod table shows when the Running/not Ready state was handled (`pods_eligible` is
+    // already 0 for the Pending pod: waiting on it proves nothing).
+    let target = || {
+        f.pods
+            .read()
+            .get("ml/vllm-0")
+            .map(|v| v.info.target.clone())
+    };
     eventually("running pod seen", || {
-        f.stats.pods_eligible.load(Relaxed) == 0
+        !matches!(target(), None | Some(Err(Ineligible::NotRunning(_))))
     })
     .await;
+    assert!(
+        matches!(target(), Some(Err(Ineligible::NotReady))),
+        "{:?}",
+        target()
+    );
+    assert_eq!(f.stats.pods_eligible.load(Relaxed), 0);
     assert_eq!(started(), 0, "not Ready: no subscription");
     f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.1", ports));
     eventually("subscribed", || started() == 1).await;
@@ -256,9 +281,17 @@ async fn ip_change_replaces_the_subscriber_and_drops_the_old_blocks() {
         f.stats.subscriptions_started.load(Relaxed) == 2
     })
     .await;
-    // The old IP still publishes, but the one subscriber left is on the new IP.
-    a.send(seq, &stored(seq, 0));
+    // The old IP still publishes, but the one subscriber left is on the new IP. The old IP's
+    // batch stores another block: were it the test's block, a subscriber still on the old IP
+    // would make `feed` from the new one return at once, having proven nothing.
+    let old = [9, 10, 11, 12];
+    a.send(seq, &stored_block(seq, 0, 79, old));
     f.feed(&mut b, "ml/vllm-0", 0, 0).await;
+    assert_eq!(
+        f.held_tokens("ml/vllm-0", 0, &old),
+        0,
+        "the old IP's batch was not applied"
+    );
     assert_eq!(
         f.stats.workers_running.load(Relaxed),
         1,
@@ -558,14 +591,21 @@ async fn a_pod_without_a_replay_socket_is_never_asked_to_replay() {
         f.stats.batches_lost.load(Relaxed),
     );
     p.skip(seq, &stored(seq, 0)); // lost on the wire
-    p.send(seq + 1, &stored(seq + 1, 0));
+                                  // The batch after the gap stores another block: the one held before the gap (77) would
+                                  // make "the next batch applied" true already, and hide a reset that clears nothing.
+    let next = [5, 6, 7, 8];
+    p.send(seq + 1, &stored_block(seq + 1, 0, 78, next));
     eventually("the gap cleared the worker", || {
         f.stats.resets.load(Relaxed) == resets + 1
     })
     .await;
     assert_eq!(f.stats.batches_lost.load(Relaxed), lost + 1);
-    // The batch after the gap is applied after the reset.
-    eventually("the next batch applied", || f.held_by("ml/vllm-0", 0) == 1).await;
+    // The batch after the gap is applied after the reset, which dropped what came before.
+    eventually("the next batch applied", || {
+        f.held_tokens("ml/vllm-0", 0, &next) == 1
+    })
+    .await;
+    assert_eq!(f.held_by("ml/vllm-0", 0), 0, "the gap cleared the worker");
     p.send(seq + 2, &stored(seq + 2, 0)); // reads any replay request logged meanwhile
     assert!(p.replays.is_empty(), "replays requested: {:?}", p.replays);
     f.stop().await;

@@ -283,56 +283,135 @@ fn context_limit_drops_the_least_recently_used_context() {
 /// Readers and writers together: writers apply chains and remove them; readers check on
 /// every lookup that a worker's count never exceeds the chain it could hold and that
 /// matches are sorted. Afterwards the invariants hold and removal empties the index.
+///
+/// Every writer runs the same script of events, so the blocks its worker holds after its
+/// `s`-th event are known (`held[s]`). A writer counts an event as begun before it applies it
+/// and as done after; a reader reads `done` before its lookup and `begun` after, so the state
+/// it saw is after some event `s` in `done..=begun`, and never before the one it placed its
+/// previous lookup at: what it sees for each worker must be `held[s]` for such an `s`. A block
+/// seen that the worker does not hold (never stored, already removed, another worker's), or
+/// one missing that was stored before the lookup began, fails the test.
 #[test]
 fn readers_and_writers_together_keep_invariants() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+    const WRITERS: usize = 3;
+    const READERS: usize = 2;
+    const ROUNDS: u64 = 300;
     let index = Arc::new(Index::new(
         IndexConfig::default().max_blocks_per_context(1 << 20),
     ));
     let chain: Vec<u32> = (0..64).collect();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..3u64)
+    // The script: store 16 blocks, remove the last `round % 17` one by one, clear.
+    let mut held = vec![0u32];
+    for round in 0..ROUNDS {
+        held.push(16);
+        for k in 0..(round % 17) as u32 {
+            held.push(15 - k);
+        }
+        held.push(0);
+    }
+    let held = Arc::new(held);
+    let begun: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..WRITERS).map(|_| AtomicUsize::new(0)).collect());
+    let done: Arc<Vec<AtomicUsize>> = Arc::new((0..WRITERS).map(|_| AtomicUsize::new(0)).collect());
+    let lookups: Arc<Vec<AtomicU64>> = Arc::new((0..READERS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Readers that ended (a failed check unwinds): the writers stop waiting for them.
+    let exited = Arc::new(AtomicUsize::new(0));
+    struct Exit(Arc<AtomicUsize>);
+    impl Drop for Exit {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+    let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
-            let index = index.clone();
-            let chain = chain.clone();
+            let (index, chain) = (index.clone(), chain.clone());
+            let (begun, done, lookups) = (begun.clone(), done.clone(), lookups.clone());
+            let exited = exited.clone();
             std::thread::spawn(move || {
                 let wid = WorkerId::new(format!("w{w}"), 0);
-                for round in 0..300u64 {
-                    let hashes: Vec<u64> = (0..16).map(|i| (w << 40) | (round << 8) | i).collect();
-                    index.apply(&wid, SRC, &stored(None, &hashes, chain.clone(), 4));
+                let apply = |e: &Event| {
+                    begun[w].fetch_add(1, SeqCst);
+                    index.apply(&wid, SRC, e);
+                    done[w].fetch_add(1, SeqCst);
+                };
+                for round in 0..ROUNDS {
+                    let hashes: Vec<u64> = (0..16)
+                        .map(|i| ((w as u64) << 40) | (round << 8) | i)
+                        .collect();
+                    apply(&stored(None, &hashes, chain.clone(), 4));
                     for h in hashes.iter().rev().take((round % 17) as usize) {
-                        index.apply(&wid, SRC, &removed(&[*h]));
+                        apply(&removed(&[*h]));
                     }
-                    index.apply(&wid, SRC, &Event::AllBlocksCleared);
+                    if round == ROUNDS - 1 {
+                        // Let every reader run a whole lookup while this worker holds blocks,
+                        // so no reader can pass by seeing nothing.
+                        let at: Vec<u64> = lookups.iter().map(|l| l.load(SeqCst)).collect();
+                        while exited.load(SeqCst) == 0
+                            && lookups.iter().zip(&at).any(|(l, a)| l.load(SeqCst) < a + 2)
+                        {
+                            std::thread::yield_now();
+                        }
+                    }
+                    apply(&Event::AllBlocksCleared);
                 }
             })
         })
         .collect();
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            let index = index.clone();
-            let chain = chain.clone();
-            let stop = stop.clone();
+    let readers: Vec<_> = (0..READERS)
+        .map(|r| {
+            let (index, chain, held) = (index.clone(), chain.clone(), held.clone());
+            let (begun, done, lookups) = (begun.clone(), done.clone(), lookups.clone());
+            let (stop, exit) = (stop.clone(), Exit(exited.clone()));
             std::thread::spawn(move || {
-                let mut seen = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _exit = exit;
+                let workers: Vec<WorkerId> = (0..WRITERS)
+                    .map(|w| WorkerId::new(format!("w{w}"), 0))
+                    .collect();
+                // Per worker: the earliest event its last observed state can be after.
+                let mut at = [0usize; WRITERS];
+                let mut seen_blocks = 0u64;
+                while !stop.load(SeqCst) {
+                    let lo: Vec<usize> = done.iter().map(|d| d.load(SeqCst)).collect();
                     let l = index.lookup("llama", None, &chain);
+                    let hi: Vec<usize> = begun.iter().map(|b| b.load(SeqCst)).collect();
+                    lookups[r].fetch_add(1, SeqCst);
                     for m in &l.matches {
                         assert!(m.blocks >= 1 && m.blocks <= 16, "{m:?}");
                         assert!(m.per_tier[0] == m.blocks);
-                        seen += 1;
                     }
                     assert!(l.matches.windows(2).all(|p| p[0].blocks >= p[1].blocks));
+                    for (w, wid) in workers.iter().enumerate() {
+                        let got = l
+                            .matches
+                            .iter()
+                            .find(|m| &m.worker == wid)
+                            .map_or(0, |m| m.blocks);
+                        let from = at[w].max(lo[w]);
+                        let Some(s) = (from..=hi[w]).find(|&s| held[s] == got) else {
+                            panic!(
+                                "reader {r}: worker w{w} held {got} blocks, but after events \
+                                 {from}..={} it holds one of {:?}",
+                                hi[w],
+                                &held[from..=hi[w]]
+                            );
+                        };
+                        at[w] = s;
+                        seen_blocks += u64::from(got);
+                    }
                 }
-                seen
+                seen_blocks
             })
         })
         .collect();
     for w in writers {
         w.join().expect("writer");
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, SeqCst);
     for r in readers {
-        r.join().expect("reader");
+        let seen_blocks = r.join().expect("reader");
+        assert!(seen_blocks > 0, "a reader saw the writers' blocks");
     }
     index.check_invariants();
     let s = index.stats();
