@@ -7,6 +7,8 @@
 //!                              ▼
 //!  worker task (pod, rank): wait for the previous task of that worker ─▶ per-pod backoff
 //!      ─▶ hub.subscribe(Feed) ─▶ wait for the stop
+//!      ─▶ the feed dropped by the hub (it panicked): a failed subscription, shown and counted;
+//!         the worker's blocks leave the index; subscribe again after a backoff
 //!      ─▶ on stop: unsubscribe, wait until the hub has dropped the feed, then every block of
 //!         the worker leaves the index at once
 //!  Feed, on the hub's poller thread: apply batches in order as they are decoded;
@@ -40,6 +42,9 @@ pub struct ManagerConfig {
     pub churn_window: Duration,
     /// Bad input is logged at most once per worker per this interval (and always counted).
     pub log_interval: Duration,
+    /// Delay before subscribing again after a subscription failed (its feed panicked). The
+    /// attempt count restarts once a subscription has lasted `cap`.
+    pub failure_backoff: Backoff,
 }
 
 impl Default for ManagerConfig {
@@ -55,6 +60,11 @@ impl Default for ManagerConfig {
             },
             churn_window: Duration::from_secs(30),
             log_interval: Duration::from_secs(10),
+            failure_backoff: Backoff {
+                start: Duration::from_millis(500),
+                cap: Duration::from_secs(30),
+                factor: 2.0,
+            },
         }
     }
 }
@@ -67,6 +77,10 @@ pub struct ManagerStats {
     /// Worker tasks alive (subscribed, waiting or cleaning up).
     pub workers_running: AtomicU64,
     pub subscriptions_started: AtomicU64,
+    /// Subscriptions lost while they should run (the feed panicked and the hub dropped it).
+    pub subscription_failures: AtomicU64,
+    /// Workers waiting to subscribe again after a failure.
+    pub workers_failed: AtomicU64,
     pub batches_applied: AtomicU64,
     pub events_applied: AtomicU64,
     pub events_rejected: AtomicU64,
@@ -100,13 +114,70 @@ impl Default for ApplyLag {
     }
 }
 
+/// Where a worker task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerStatus {
+    /// Waiting for the previous incarnation's cleanup or for the pod's churn backoff.
+    Waiting,
+    /// Its subscription runs (the subscriber's own state says how far it is).
+    Subscribed,
+    /// Its subscription failed; it subscribes again after a backoff.
+    Failed,
+}
+
+impl WorkerStatus {
+    /// The name the API and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerStatus::Waiting => "waiting",
+            WorkerStatus::Subscribed => "subscribed",
+            WorkerStatus::Failed => "failed",
+        }
+    }
+}
+
 /// What the API shows of a running worker (pod, rank).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerInfo {
-    /// Its subscriber's counters, once subscribed.
-    pub counters: std::sync::OnceLock<Arc<kv_subscriber::SubscriberCounters>>,
+    /// Its current subscriber's counters (none while waiting or failed).
+    counters: parking_lot::RwLock<Option<Arc<kv_subscriber::SubscriberCounters>>>,
+    status: std::sync::atomic::AtomicU8,
+    /// Subscriptions of this worker that failed.
+    pub failures: AtomicU64,
     /// `ts` of the last batch applied, as f64 bits (0: none yet).
     pub last_ts: AtomicU64,
+}
+
+impl Default for WorkerInfo {
+    fn default() -> Self {
+        WorkerInfo {
+            counters: parking_lot::RwLock::new(None),
+            status: std::sync::atomic::AtomicU8::new(WorkerStatus::Waiting as u8),
+            failures: AtomicU64::new(0),
+            last_ts: AtomicU64::new(0),
+        }
+    }
+}
+
+impl WorkerInfo {
+    /// Its current subscriber's counters, if subscribed.
+    pub fn counters(&self) -> Option<Arc<kv_subscriber::SubscriberCounters>> {
+        self.counters.read().clone()
+    }
+
+    pub fn status(&self) -> WorkerStatus {
+        match self.status.load(Relaxed) {
+            0 => WorkerStatus::Waiting,
+            1 => WorkerStatus::Subscribed,
+            _ => WorkerStatus::Failed,
+        }
+    }
+
+    fn set(&self, status: WorkerStatus, counters: Option<Arc<kv_subscriber::SubscriberCounters>>) {
+        *self.counters.write() = counters;
+        self.status.store(status as u8, Relaxed);
+    }
 }
 
 /// Running workers, for the API.
@@ -116,7 +187,8 @@ pub type WorkerTable = Arc<parking_lot::RwLock<HashMap<WorkerId, Arc<WorkerInfo>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
     pub info: PodInfo,
-    /// Whether it has subscriptions (KV sync on and eligible).
+    /// Whether it has subscriptions (KV sync on and eligible); each worker's
+    /// [`WorkerInfo::status`] says whether its subscription runs or failed.
     pub subscribed: bool,
 }
 
@@ -386,6 +458,7 @@ impl Manager {
             index: self.index.clone(),
             stats: self.stats.clone(),
             log_interval: self.cfg.log_interval,
+            failure_backoff: self.cfg.failure_backoff,
         };
         self.tracker
             .spawn(Arc::new(w).run(hub, sub, lock, delay, cancel));
@@ -401,6 +474,15 @@ struct WorkerTask {
     index: Arc<Index>,
     stats: Arc<ManagerStats>,
     log_interval: Duration,
+    failure_backoff: Backoff,
+}
+
+/// How a subscription ended.
+enum Ended {
+    /// Stopped by the manager.
+    Stopped,
+    /// The hub dropped the feed on its own: the feed panicked (or the hub shut down).
+    Failed,
 }
 
 impl WorkerTask {
@@ -424,8 +506,38 @@ impl WorkerTask {
                 () = cancel.cancelled() => {},
             }
         }
-        if guard.is_some() && !cancel.is_cancelled() {
-            self.subscribed(&hub, sub, &cancel).await;
+        let mut attempt = 0u32;
+        // Jitter: a random seed per task, so workers that failed together spread out.
+        let mut rng = {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(&self.worker) | 1
+        };
+        while guard.is_some() && !cancel.is_cancelled() {
+            let since = tokio::time::Instant::now();
+            if let Ended::Stopped = self.subscribed(&hub, sub.clone(), &cancel).await {
+                break;
+            }
+            // What the worker held is unknown from here (events go unread until the next
+            // subscription, which starts from scratch).
+            let removed = self.index.remove_worker(&self.worker);
+            if since.elapsed() >= self.failure_backoff.cap {
+                attempt = 0;
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let wait = self.failure_backoff.delay(attempt, rng);
+            attempt = attempt.saturating_add(1);
+            self.info.set(WorkerStatus::Failed, None);
+            self.info.failures.fetch_add(1, Relaxed);
+            self.stats.subscription_failures.fetch_add(1, Relaxed);
+            self.stats.workers_failed.fetch_add(1, Relaxed);
+            tracing::error!(worker = ?self.worker, removed, retry_in = ?wait, "subscription lost (its feed panicked): blocks dropped, subscribing again after a backoff");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {},
+                () = cancel.cancelled() => {},
+            }
+            self.stats.workers_failed.fetch_sub(1, Relaxed);
         }
         // Every block of this incarnation leaves the index at once.
         let removed = self.index.remove_worker(&self.worker);
@@ -442,12 +554,13 @@ impl WorkerTask {
         self.stats.workers_running.fetch_sub(1, Relaxed);
     }
 
+    /// One subscription, until the manager stops it or the hub drops its feed.
     async fn subscribed(
         self: &Arc<Self>,
         hub: &Hub,
         sub: SubscriberConfig,
         cancel: &CancellationToken,
-    ) {
+    ) -> Ended {
         let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
         let mut feed = Feed {
             w: self.clone(),
@@ -456,18 +569,21 @@ impl WorkerTask {
             _done: done_tx,
         };
         let s = hub.subscribe(sub, Sink::Direct(Box::new(move |ev| feed.handle(ev))));
-        let _ = self.info.counters.set(s.counters.clone());
+        self.info
+            .set(WorkerStatus::Subscribed, Some(s.counters.clone()));
         self.stats.subscriptions_started.fetch_add(1, Relaxed);
-        let hub_stopped = tokio::select! {
+        let dropped = tokio::select! {
             () = cancel.cancelled() => false,
             _ = &mut done => true,
         };
-        if !hub_stopped {
-            hub.unsubscribe(s.id);
-            // The poller drops the feed after its last event: from here on nothing of this
-            // worker is applied, so the caller's `remove_worker` is final.
-            let _ = done.await;
+        if dropped {
+            return Ended::Failed;
         }
+        hub.unsubscribe(s.id);
+        // The poller drops the feed after its last event: from here on nothing of this
+        // worker is applied, so the caller's `remove_worker` is final.
+        let _ = done.await;
+        Ended::Stopped
     }
 }
 

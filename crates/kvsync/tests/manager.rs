@@ -11,7 +11,7 @@ use apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::Pod;
 use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
 use kv_subscriber::Hub;
-use kvsync::manager::{Manager, ManagerConfig, ManagerStats};
+use kvsync::manager::{Manager, ManagerConfig, ManagerStats, WorkerStatus};
 use kvsync::pods::source;
 use prefix_index::{Index, IndexConfig};
 use serde_json::json;
@@ -113,6 +113,7 @@ struct Fixture {
     index: Arc<Index>,
     hub: Arc<Hub>,
     stats: Arc<ManagerStats>,
+    workers: kvsync::manager::WorkerTable,
     tracker: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -124,7 +125,7 @@ impl Fixture {
         let index = Arc::new(Index::new(IndexConfig::default()));
         let hub = Arc::new(Hub::start().expect("hub"));
         let m = Manager::new(cfg, index.clone(), Some(hub.clone()));
-        let (stats, tracker) = (m.stats(), m.tracker());
+        let (stats, tracker, workers) = (m.stats(), m.tracker(), m.workers());
         let mut ready = m.ready();
         let shutdown = CancellationToken::new();
         let events = source::kubernetes(api.client(), &[]);
@@ -138,10 +139,20 @@ impl Fixture {
             index,
             hub,
             stats,
+            workers,
             tracker,
             shutdown,
             task,
         }
+    }
+
+    /// The status of a worker's task and its failures so far.
+    fn worker(&self, pod: &str, rank: u32) -> Option<(WorkerStatus, u64)> {
+        let w = prefix_index::WorkerId::new(pod, rank);
+        self.workers
+            .read()
+            .get(&w)
+            .map(|i| (i.status(), i.failures.load(Relaxed)))
     }
 
     /// Blocks the worker holds for the test's block (tokens 1..=4).
@@ -568,5 +579,119 @@ async fn a_pod_without_a_replay_socket_is_never_asked_to_replay() {
     eventually("the next batch applied", || f.held_by("ml/vllm-0", 0) == 1).await;
     p.send(seq + 2, &stored(seq + 2, 0)); // reads any replay request logged meanwhile
     assert!(p.replays.is_empty(), "replays requested: {:?}", p.replays);
+    f.stop().await;
+}
+
+/// Blocks 78 and 79 (tokens 5..=12) after the test's block 77.
+fn chained(seq: u64) -> Vec<u8> {
+    encode(
+        &EventBatch {
+            ts: seq as f64,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: vec![BlockHash::Uint(78), BlockHash::Uint(79)],
+                parent_block_hash: Some(BlockHash::Uint(77)),
+                token_ids: (5..=12).collect(),
+                block_size: 4,
+                ..Default::default()
+            })],
+            data_parallel_rank: Some(0),
+        },
+        &WireFormat::VLLM_0_33,
+    )
+}
+
+/// A panic in the feed (here: in the middle of an index apply) loses the subscription: the
+/// index is left consistent, the failure is counted, and the manager subscribes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_that_panics_mid_apply_is_retried_and_leaves_the_index_consistent() {
+    let f = Fixture::start(ManagerConfig {
+        failure_backoff: kv_subscriber::Backoff {
+            start: Duration::from_millis(50),
+            cap: Duration::from_secs(1),
+            factor: 2.0,
+        },
+        ..test_config()
+    })
+    .await;
+    let mut p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let started = || f.stats.subscriptions_started.load(Relaxed);
+    f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.1", ports));
+    let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
+    // The second block of the next store is filed, then the apply panics.
+    f.index.inject_panic(1);
+    p.send(seq, &chained(seq));
+    eventually("the worker's blocks dropped after the panic", || {
+        f.held_by("ml/vllm-0", 0) == 0
+    })
+    .await;
+    f.index.check_invariants();
+    assert_eq!(f.index.stats().panics_repaired, 1);
+    eventually("subscribed again", || started() == 2).await;
+    assert_eq!(f.stats.subscription_failures.load(Relaxed), 1);
+    assert_eq!(
+        f.worker("ml/vllm-0", 0),
+        Some((WorkerStatus::Subscribed, 1)),
+        "subscribed again, one failure"
+    );
+    // The new subscription replays what the engine holds.
+    f.feed(&mut p, "ml/vllm-0", 0, seq + 1).await;
+    f.index.check_invariants();
+    let full: Vec<u32> = (1..=12).collect();
+    eventually("the whole chain is back", || {
+        f.index
+            .lookup(MODEL, None, &full)
+            .matches
+            .first()
+            .map(|m| m.blocks)
+            == Some(3)
+    })
+    .await;
+    f.stop().await;
+}
+
+/// A failed subscription is visible while its retry waits: the worker says `Failed`, the
+/// manager counts it, and it holds nothing. Stopping the pod ends the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_subscription_is_shown_until_its_retry() {
+    let f = Fixture::start(ManagerConfig {
+        failure_backoff: kv_subscriber::Backoff {
+            start: Duration::from_secs(3600),
+            cap: Duration::from_secs(3600),
+            factor: 2.0,
+        },
+        ..test_config()
+    })
+    .await;
+    let mut p = Publisher::start(&[]);
+    f.api.apply(ready_pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.1",
+        (p.pub_port, p.replay_port),
+    ));
+    let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
+    assert_eq!(
+        f.worker("ml/vllm-0", 0),
+        Some((WorkerStatus::Subscribed, 0))
+    );
+    f.index.inject_panic(0);
+    p.send(seq, &chained(seq));
+    eventually("the failure seen", || {
+        f.worker("ml/vllm-0", 0) == Some((WorkerStatus::Failed, 1))
+    })
+    .await;
+    assert_eq!(f.stats.subscription_failures.load(Relaxed), 1);
+    assert_eq!(f.stats.workers_failed.load(Relaxed), 1);
+    assert_eq!(f.held_by("ml/vllm-0", 0), 0);
+    f.index.check_invariants();
+    // The pod goes: its task ends during the hour-long backoff.
+    f.api.delete("ml", "vllm-0");
+    eventually("the failed worker's task ended", || {
+        f.stats.workers_running.load(Relaxed) == 0
+    })
+    .await;
+    assert_eq!(f.stats.workers_failed.load(Relaxed), 0);
+    assert_eq!(f.stats.subscriptions_started.load(Relaxed), 1);
     f.stop().await;
 }

@@ -364,6 +364,8 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
         4.0
     );
     assert_eq!(value("kvsync_subscribers", Some(("state", "live"))), 2.0);
+    assert_eq!(value("kvsync_subscription_failures_total", None), 0.0);
+    assert_eq!(value("kvsync_workers_failed", None), 0.0);
     assert_eq!(value("kvsync_index_blocks", None), 4.0);
     assert_eq!(value("kvsync_worker_blocks", Some(("pod", "ml/a"))), 4.0);
     assert_eq!(value("kvsync_worker_blocks", Some(("pod", "ml/b"))), 2.0);
@@ -378,11 +380,19 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
         .map(|x| &x["workers"][0])
         .expect("pod a");
     assert_eq!(
-        (&w["endpoint"], &w["replay_endpoint"], &w["state"]),
+        (
+            &w["endpoint"],
+            &w["replay_endpoint"],
+            &w["state"],
+            &w["subscription"],
+            &w["failures"]
+        ),
         (
             &json!(format!("tcp://127.0.0.1:{}", a.pub_port)),
             &json!(format!("tcp://127.0.0.1:{}", a.replay_port)),
-            &json!("Live")
+            &json!("Live"),
+            &json!("subscribed"),
+            &json!(0)
         ),
         "{pods}"
     );

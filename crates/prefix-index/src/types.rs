@@ -130,6 +130,12 @@ pub struct Stats {
     pub partial_blocks: u64,
     pub context_evictions: u64,
     pub rejected_limits: u64,
+    /// Panics inside an apply (or a worker's removal) after which the worker's holdings were
+    /// dropped to leave the index consistent.
+    pub panics_repaired: u64,
+    /// Panics after which dropping the worker did not restore every invariant: the whole
+    /// index was emptied.
+    pub panic_resets: u64,
 }
 
 /// Per worker, the consecutive leading blocks of a query it holds.
