@@ -5,7 +5,10 @@
 //!  PodStream ──handle()──▶ pods: key → incarnation (uid, restarts, target)
 //!                              │ new incarnation: stop the old run, start one task per rank
 //!                              ▼
-//!  worker task (pod, rank): wait for the previous task of that worker ─▶ per-pod backoff
+//!  worker task (pod, rank): wait for the previous task of that worker (same pod name and
+//!      rank, even across a delete and a create) ─▶ per-pod backoff
+//!      ─▶ index.claim(worker): a new epoch; the Feed's writes and the cleanup carry it, so an
+//!         older incarnation's late writes or cleanup cannot touch the newer one's blocks
 //!      ─▶ hub.subscribe(Feed) ─▶ wait for the stop
 //!      ─▶ the feed dropped by the hub (it panicked): a failed subscription, shown and counted;
 //!         the worker's blocks leave the index; subscribe again after a backoff
@@ -22,7 +25,7 @@ use crate::pods::source::{PodEvent, PodStream};
 use crate::pods::{self, PodInfo, Target};
 use futures::StreamExt;
 use kv_subscriber::{Backoff, Delivery, Hub, Sink, SubscriberConfig, SubscriberEvent};
-use prefix_index::{Index, Source, WorkerId};
+use prefix_index::{Epoch, Index, Source, WorkerId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -192,6 +195,9 @@ pub struct PodView {
     pub subscribed: bool,
 }
 
+/// Per worker, the lock its tasks take in turn.
+type Locks = Arc<parking_lot::Mutex<HashMap<WorkerId, Arc<AsyncMutex<()>>>>>;
+
 /// The manager's shared view of pods, for the API.
 pub type PodTable = Arc<parking_lot::RwLock<BTreeMap<String, PodView>>>;
 
@@ -215,9 +221,10 @@ pub struct Manager {
     entries: HashMap<String, Entry>,
     relisting: HashMap<usize, HashSet<String>>,
     listed_scopes: HashSet<usize>,
-    /// Per pod, per rank: held by a worker task for its whole life, so the next incarnation's
-    /// task of that worker starts after the previous one has cleaned up.
-    locks: HashMap<String, HashMap<u32, Arc<AsyncMutex<()>>>>,
+    /// Per worker: held by its task for the task's whole life, so the next incarnation's task
+    /// of that worker (after a restart, or a delete and a create under the same name) starts
+    /// after the previous one has cleaned up. The last task of a worker removes its entry.
+    locks: Locks,
     /// Pods in `pods` that are eligible (kept as they change, not recounted per event).
     eligible: u64,
     tracker: TaskTracker,
@@ -240,7 +247,7 @@ impl Manager {
             entries: HashMap::new(),
             relisting: HashMap::new(),
             listed_scopes: HashSet::new(),
-            locks: HashMap::new(),
+            locks: Locks::default(),
             eligible: 0,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -419,8 +426,6 @@ impl Manager {
         }
         let old = self.pods.write().remove(key);
         self.count_eligible(old.as_ref(), false);
-        // Locks of this pod's workers: tasks still running hold their own clones.
-        self.locks.remove(key);
     }
 
     fn spawn_worker(
@@ -433,13 +438,7 @@ impl Manager {
         hub: Arc<Hub>,
     ) {
         let worker = WorkerId::new(key, rank);
-        let lock = self
-            .locks
-            .entry(key.to_owned())
-            .or_default()
-            .entry(rank)
-            .or_default()
-            .clone();
+        let lock = self.locks.lock().entry(worker.clone()).or_default().clone();
         let mut sub = SubscriberConfig::new(format!("{key} rank {rank}"), t.endpoint(rank));
         sub.replay_endpoint = t.replay_endpoint(rank);
         sub.topic = t.topic.clone().into_bytes();
@@ -459,6 +458,7 @@ impl Manager {
             stats: self.stats.clone(),
             log_interval: self.cfg.log_interval,
             failure_backoff: self.cfg.failure_backoff,
+            locks: self.locks.clone(),
         };
         self.tracker
             .spawn(Arc::new(w).run(hub, sub, lock, delay, cancel));
@@ -475,14 +475,15 @@ struct WorkerTask {
     stats: Arc<ManagerStats>,
     log_interval: Duration,
     failure_backoff: Backoff,
+    locks: Locks,
 }
 
 /// How a subscription ended.
 enum Ended {
     /// Stopped by the manager.
     Stopped,
-    /// The hub dropped the feed on its own: the feed panicked (or the hub shut down).
-    Failed,
+    /// It could not run on: why.
+    Failed(&'static str),
 }
 
 impl WorkerTask {
@@ -497,7 +498,7 @@ impl WorkerTask {
         self.stats.workers_running.fetch_add(1, Relaxed);
         // The previous incarnation's task of this worker finishes its cleanup first.
         let guard = tokio::select! {
-            g = lock.lock_owned() => Some(g),
+            g = lock.clone().lock_owned() => Some(g),
             () = cancel.cancelled() => None,
         };
         if guard.is_some() && !delay.is_zero() {
@@ -512,14 +513,22 @@ impl WorkerTask {
             use std::hash::BuildHasher;
             std::collections::hash_map::RandomState::new().hash_one(&self.worker) | 1
         };
+        // This task's incarnation of the worker in the index: its writes and its cleanup are
+        // refused once a newer one claims the worker, whatever the order tasks run in.
+        let mut epoch = None;
         while guard.is_some() && !cancel.is_cancelled() {
             let since = tokio::time::Instant::now();
-            if let Ended::Stopped = self.subscribed(&hub, sub.clone(), &cancel).await {
-                break;
-            }
+            epoch = self.index.claim(&self.worker);
+            let why = match epoch {
+                Some(e) => match self.subscribed(&hub, sub.clone(), e, &cancel).await {
+                    Ended::Stopped => break,
+                    Ended::Failed(why) => why,
+                },
+                None => "the index's worker table is full",
+            };
             // What the worker held is unknown from here (events go unread until the next
             // subscription, which starts from scratch).
-            let removed = self.index.remove_worker(&self.worker);
+            let removed = epoch.map_or(0, |e| self.index.remove_worker_as(&self.worker, e));
             if since.elapsed() >= self.failure_backoff.cap {
                 attempt = 0;
             }
@@ -532,7 +541,7 @@ impl WorkerTask {
             self.info.failures.fetch_add(1, Relaxed);
             self.stats.subscription_failures.fetch_add(1, Relaxed);
             self.stats.workers_failed.fetch_add(1, Relaxed);
-            tracing::error!(worker = ?self.worker, removed, retry_in = ?wait, "subscription lost (its feed panicked): blocks dropped, subscribing again after a backoff");
+            tracing::error!(worker = ?self.worker, removed, retry_in = ?wait, "subscription failed ({why}): blocks dropped, subscribing again after a backoff");
             tokio::select! {
                 () = tokio::time::sleep(wait) => {},
                 () = cancel.cancelled() => {},
@@ -540,7 +549,7 @@ impl WorkerTask {
             self.stats.workers_failed.fetch_sub(1, Relaxed);
         }
         // Every block of this incarnation leaves the index at once.
-        let removed = self.index.remove_worker(&self.worker);
+        let removed = epoch.map_or(0, |e| self.index.remove_worker_as(&self.worker, e));
         tracing::debug!(worker = ?self.worker, removed, "worker stopped");
         {
             let mut t = self.table.write();
@@ -550,8 +559,13 @@ impl WorkerTask {
                 t.remove(&self.worker);
             }
         }
-        drop(guard);
         self.stats.workers_running.fetch_sub(1, Relaxed);
+        drop(guard);
+        let mut locks = self.locks.lock();
+        // The map's clone and this one: no other task of the worker waits for it.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&self.worker);
+        }
     }
 
     /// One subscription, until the manager stops it or the hub drops its feed.
@@ -559,11 +573,13 @@ impl WorkerTask {
         self: &Arc<Self>,
         hub: &Hub,
         sub: SubscriberConfig,
+        epoch: Epoch,
         cancel: &CancellationToken,
     ) -> Ended {
         let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
         let mut feed = Feed {
             w: self.clone(),
+            epoch,
             last_log: None,
             unlogged: 0,
             _done: done_tx,
@@ -577,7 +593,7 @@ impl WorkerTask {
             _ = &mut done => true,
         };
         if dropped {
-            return Ended::Failed;
+            return Ended::Failed("its feed panicked");
         }
         hub.unsubscribe(s.id);
         // The poller drops the feed after its last event: from here on nothing of this
@@ -593,6 +609,8 @@ impl WorkerTask {
 struct Feed {
     /// The worker whose events these are.
     w: Arc<WorkerTask>,
+    /// Its incarnation in the index.
+    epoch: Epoch,
     last_log: Option<Instant>,
     unlogged: u64,
     /// Dropped with the feed, which tells the worker task that no event will come any more.
@@ -608,7 +626,7 @@ impl Feed {
                     default_lora: self.w.lora.as_deref(),
                 };
                 for e in &batch.events {
-                    let a = self.w.index.apply(&self.w.worker, source, e);
+                    let a = self.w.index.apply_as(&self.w.worker, self.epoch, source, e);
                     if a.rejected.is_some() {
                         self.w.stats.events_rejected.fetch_add(1, Relaxed);
                     } else {
@@ -676,7 +694,7 @@ impl Feed {
 
     /// After lost batches or an engine restart, what the worker held is unknown: drop it.
     fn reset(&self, why: &str) {
-        let n = self.w.index.clear_worker(&self.w.worker);
+        let n = self.w.index.clear_worker_as(&self.w.worker, self.epoch);
         self.w.stats.resets.fetch_add(1, Relaxed);
         tracing::warn!(worker = ?self.w.worker, cleared = n, "{why}: worker's blocks dropped");
     }

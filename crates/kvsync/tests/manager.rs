@@ -695,3 +695,57 @@ async fn a_failed_subscription_is_shown_until_its_retry() {
     assert_eq!(f.stats.subscriptions_started.load(Relaxed), 1);
     f.stop().await;
 }
+/// A pod deleted and created again under its name: the new incarnation's worker (same pod
+/// name and rank) subscribes only after the old one has unsubscribed and dropped its blocks,
+/// which would otherwise wipe what the new one applied. The old one's cleanup is held up here
+/// by a sink that keeps the hub's poller thread busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_recreated_under_its_name_subscribes_after_the_old_incarnation_cleaned_up() {
+    use kv_subscriber::{Delivery, Sink, SubscriberConfig, SubscriberEvent};
+    let f = Fixture::start(test_config()).await;
+    let mut p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let started = || f.stats.subscriptions_started.load(Relaxed);
+    let running = || f.stats.workers_running.load(Relaxed);
+    f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.1", ports));
+    let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
+
+    // Another subscriber's sink holds the poller thread until `release` is dropped.
+    let mut q = Publisher::start(&[]);
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let blocker = f.hub.subscribe(
+        SubscriberConfig::new("blocker", q.endpoint()),
+        Sink::Direct(Box::new(move |ev| {
+            if matches!(ev, SubscriberEvent::Delivery(Delivery::Batch(..))) {
+                let _ = entered_tx.send(());
+                let _ = hold.recv();
+            }
+        })),
+    );
+    let mut qseq = 0;
+    while entered.try_recv().is_err() {
+        q.send(qseq, &stored(qseq, 0));
+        qseq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(qseq < 500, "the blocker never received a batch");
+    }
+
+    f.api.delete("ml", "vllm-0");
+    f.api.apply(ready_pod("vllm-0", "u2", "127.0.0.1", ports));
+    eventually("the new incarnation's task started", || running() == 2).await;
+    assert_eq!(
+        started(),
+        1,
+        "the new incarnation subscribed while the old one still holds the worker"
+    );
+    drop(release);
+    eventually("the old incarnation gone, the new one subscribed", || {
+        running() == 1 && started() == 2
+    })
+    .await;
+    f.feed(&mut p, "ml/vllm-0", 0, seq).await;
+    f.index.check_invariants();
+    f.hub.unsubscribe(blocker.id);
+    f.stop().await;
+}

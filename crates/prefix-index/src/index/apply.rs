@@ -5,6 +5,35 @@
 use super::*;
 
 impl State {
+    pub(super) fn apply(
+        &mut self,
+        cfg: &IndexConfig,
+        worker: &WorkerId,
+        source: Source<'_>,
+        event: &Event,
+        tick: u64,
+    ) -> Applied {
+        let Some(w) = self.worker(worker, cfg) else {
+            self.stats.rejected_limits += 1;
+            return rejected(Rejection::WorkerLimit);
+        };
+        let out = match event {
+            Event::BlockStored(s) => self.store(cfg, w, source, s, tick),
+            Event::BlockRemoved(r) => self.remove(w, r),
+            Event::AllBlocksCleared => Applied {
+                removed: self.clear_worker(w),
+                ..Applied::default()
+            },
+        };
+        self.enforce_budget(cfg);
+        out
+    }
+
+    /// Whether `epoch` is `worker`'s current incarnation.
+    pub(super) fn is_current(&self, worker: &WorkerId, epoch: Epoch) -> bool {
+        self.fences.get(worker) == Some(&epoch.0)
+    }
+
     pub(super) fn context_ref(&self, model: &str, lora: Option<&str>) -> Option<&Context> {
         self.context_ids
             .get(&ContextRef(model, lora))

@@ -13,7 +13,9 @@ use crate::context::{Context, Holder, NIL};
 use crate::hash::{context_root, ChainHasher};
 use crate::table::{SlotTable, Vacancy};
 use crate::tier::{Tier, TierMask};
-use crate::types::{Applied, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId};
+use crate::types::{
+    Applied, Epoch, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId,
+};
 use hashbrown::HashMap;
 use kv_events::{BlockRemoved, BlockStored, Event, Medium};
 use parking_lot::RwLock;
@@ -69,6 +71,11 @@ struct State {
     hasher: ChainHasher,
     /// Router hashes of the run being stored (reused between events).
     scratch: Vec<u64>,
+    /// The current incarnation of each claimed worker ([`Index::claim`]); at most
+    /// `max_workers` entries, each gone with its worker's fenced removal.
+    fences: HashMap<WorkerId, u64>,
+    /// The last epoch handed out.
+    epochs: u64,
     /// `Index::inject_panic`: blocks to store before a store panics.
     #[cfg(any(test, feature = "faults"))]
     fault: Option<u32>,
@@ -107,26 +114,79 @@ impl Index {
     pub fn apply(&self, worker: &WorkerId, source: Source<'_>, event: &Event) -> Applied {
         let tick = self.next_tick();
         self.write(worker, |st| {
-            let Some(w) = st.worker(worker, &self.cfg) else {
-                st.stats.rejected_limits += 1;
-                return rejected(Rejection::WorkerLimit);
-            };
-            let out = match event {
-                Event::BlockStored(s) => st.store(&self.cfg, w, source, s, tick),
-                Event::BlockRemoved(r) => st.remove(w, r),
-                Event::AllBlocksCleared => Applied {
-                    removed: st.clear_worker(w),
-                    ..Applied::default()
-                },
-            };
-            st.enforce_budget(&self.cfg);
-            out
+            st.apply(&self.cfg, worker, source, event, tick)
         })
     }
 
-    /// Drops everything `worker` holds and forgets it. Returns the blocks it held.
+    /// Drops everything `worker` holds and forgets it (and any incarnation claimed). Returns
+    /// the blocks it held.
     pub fn remove_worker(&self, worker: &WorkerId) -> u32 {
-        self.write(worker, |st| st.remove_worker(worker))
+        self.write(worker, |st| {
+            st.fences.remove(worker);
+            st.remove_worker(worker)
+        })
+    }
+
+    /// Starts a new incarnation of `worker` (a pod that came back under the same name and
+    /// rank, a new subscription): whatever an earlier one left is dropped, and from now on
+    /// the writes of earlier incarnations ([`Index::apply_as`], [`Index::clear_worker_as`],
+    /// [`Index::remove_worker_as`]) are refused, so a late cleanup of an old incarnation
+    /// cannot wipe what the new one applied. None when `max_workers` workers are claimed.
+    pub fn claim(&self, worker: &WorkerId) -> Option<Epoch> {
+        self.write(worker, |st| {
+            if !st.fences.contains_key(worker)
+                && st.fences.len() >= self.cfg.max_workers.min(crate::types::MAX_WORKERS)
+            {
+                st.stats.rejected_limits += 1;
+                return None;
+            }
+            st.epochs += 1;
+            let epoch = st.epochs;
+            st.fences.insert(worker.clone(), epoch);
+            if let Some(&w) = st.worker_ids.get(worker) {
+                st.clear_worker(w);
+            }
+            Some(Epoch(epoch))
+        })
+    }
+
+    /// [`Index::apply`] for incarnation `epoch` of `worker`: [`Rejection::Stale`] once a newer
+    /// incarnation has claimed it, or after the worker's removal.
+    pub fn apply_as(
+        &self,
+        worker: &WorkerId,
+        epoch: Epoch,
+        source: Source<'_>,
+        event: &Event,
+    ) -> Applied {
+        let tick = self.next_tick();
+        self.write(worker, |st| {
+            if !st.is_current(worker, epoch) {
+                st.stats.stale += 1;
+                return rejected(Rejection::Stale);
+            }
+            st.apply(&self.cfg, worker, source, event, tick)
+        })
+    }
+
+    /// [`Index::clear_worker`] for incarnation `epoch`: nothing when it is not the current one.
+    pub fn clear_worker_as(&self, worker: &WorkerId, epoch: Epoch) -> u32 {
+        self.write(worker, |st| match st.worker_ids.get(worker) {
+            Some(&w) if st.is_current(worker, epoch) => st.clear_worker(w),
+            _ => 0,
+        })
+    }
+
+    /// [`Index::remove_worker`] for incarnation `epoch`: nothing when a newer incarnation has
+    /// claimed the worker (what it holds is the newer one's).
+    pub fn remove_worker_as(&self, worker: &WorkerId, epoch: Epoch) -> u32 {
+        self.write(worker, |st| {
+            if !st.is_current(worker, epoch) {
+                return 0;
+            }
+            st.fences.remove(worker);
+            st.remove_worker(worker)
+        })
     }
 
     /// Drops everything `worker` holds but keeps it known (a reset after a gap or restart).

@@ -20,8 +20,11 @@ impl State {
                 panic_resets: self.stats.panic_resets + 1,
                 ..self.stats
             };
+            // Incarnations stay claimed: their writers go on, on an empty index.
             *self = State {
                 stats,
+                fences: std::mem::take(&mut self.fences),
+                epochs: self.epochs,
                 ..State::default()
             };
         }

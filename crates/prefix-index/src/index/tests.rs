@@ -58,3 +58,57 @@ fn a_panic_in_the_middle_of_a_store_leaves_the_index_consistent() {
         (1, 0)
     );
 }
+
+#[test]
+fn a_superseded_incarnation_neither_writes_nor_removes() {
+    let index = Index::new(IndexConfig::default());
+    let w = WorkerId::new("p", 0);
+    let old = index.claim(&w).expect("room");
+    index.apply_as(&w, old, SRC, &stored(&[1, 2], None));
+    assert_eq!(held(&index, &w, &[1, 2]), 2);
+    // The pod comes back under the same name: what the old incarnation held is dropped.
+    let new = index.claim(&w).expect("room");
+    assert_eq!(held(&index, &w, &[1, 2]), 0);
+    index.apply_as(&w, new, SRC, &stored(&[1, 2, 3], None));
+    // The old incarnation's late writes and cleanup touch nothing of the new one's.
+    let late = index.apply_as(&w, old, SRC, &stored(&[1], None));
+    assert_eq!(late.rejected, Some(Rejection::Stale));
+    assert_eq!(index.clear_worker_as(&w, old), 0);
+    assert_eq!(index.remove_worker_as(&w, old), 0);
+    assert_eq!(held(&index, &w, &[1, 2, 3]), 3);
+    assert_eq!(index.stats().stale, 1);
+    index.check_invariants();
+    // The new one's removal is final: its writes are refused afterwards.
+    assert_eq!(index.remove_worker_as(&w, new), 3);
+    let after = index.apply_as(&w, new, SRC, &stored(&[1], None));
+    assert_eq!(after.rejected, Some(Rejection::Stale));
+    assert_eq!(index.stats().workers, 0);
+    index.check_invariants();
+}
+
+#[test]
+fn claims_are_bounded_by_the_worker_limit() {
+    let index = Index::new(IndexConfig {
+        max_workers: 2,
+        ..IndexConfig::default()
+    });
+    let (a, b, c) = (
+        WorkerId::new("a", 0),
+        WorkerId::new("b", 0),
+        WorkerId::new("c", 0),
+    );
+    let ea = index.claim(&a).expect("room");
+    assert!(index.claim(&b).is_some());
+    assert_eq!(index.claim(&c), None);
+    assert!(
+        index.claim(&a).is_some(),
+        "a new incarnation of a claimed worker"
+    );
+    index.remove_worker_as(&a, ea);
+    assert_eq!(index.stats().stale, 0);
+    assert_eq!(
+        index.claim(&c),
+        None,
+        "a's newer incarnation still holds its place"
+    );
+}
