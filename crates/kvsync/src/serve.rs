@@ -67,6 +67,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The manager's worker tasks (empty after `stop`).
     pub tracker: TaskTracker,
+    /// The index the service keeps (for its owner's checks).
+    pub index: Arc<Index>,
     stop: CancellationToken,
     /// Taken by `stop`.
     task: Option<tokio::task::JoinHandle<Result<()>>>,
@@ -173,6 +175,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let server = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     // The server, the manager and the readiness log run in this one task and end with it.
+    let running_index = index.clone();
     let task = tokio::spawn(async move {
         let (served, (), ()) = tokio::join!(
             std::future::IntoFuture::into_future(server),
@@ -190,6 +193,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     Ok(Running {
         addr,
         tracker,
+        index: running_index,
         stop,
         task: Some(task),
     })
