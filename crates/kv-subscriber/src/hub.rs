@@ -42,11 +42,14 @@ enum Command {
     Shutdown,
 }
 
-/// The owner of the poller thread. Dropping it stops every subscriber and joins the thread.
+/// The owner of the poller thread. [`Hub::shutdown`], from any handle of a shared hub, or
+/// dropping it stops every subscriber and joins the thread.
 pub struct Hub {
     commands: mpsc::Sender<Command>,
-    wake: Mutex<zmq::Socket>,
-    thread: Option<JoinHandle<()>>,
+    /// Closed by the shutdown (it keeps the first libzmq context, and its threads, alive).
+    wake: Mutex<Option<zmq::Socket>>,
+    /// Taken by the first shutdown.
+    thread: Mutex<Option<JoinHandle<()>>>,
     next_id: std::sync::atomic::AtomicU64,
     live: Arc<AtomicUsize>,
 }
@@ -112,8 +115,8 @@ impl Hub {
             .spawn(move || poller.run())?;
         Ok(Hub {
             commands: tx,
-            wake: Mutex::new(wake),
-            thread: Some(thread),
+            wake: Mutex::new(Some(wake)),
+            thread: Mutex::new(Some(thread)),
             next_id: std::sync::atomic::AtomicU64::new(1),
             live,
         })
@@ -121,7 +124,7 @@ impl Hub {
 
     fn send(&self, c: Command) {
         if self.commands.send(c).is_ok() {
-            if let Ok(w) = self.wake.lock() {
+            if let Ok(Some(w)) = self.wake.lock().as_deref() {
                 let _ = w.send(&[][..], zmq::DONTWAIT);
             }
         }
@@ -154,22 +157,30 @@ impl Hub {
         self.live.load(Relaxed)
     }
 
-    /// Stops every subscriber and joins the poller thread.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
+    /// Stops every subscriber and joins the poller thread, whoever else holds the hub (a
+    /// shared `Arc<Hub>` need not be the last one); later subscriptions end at once (their
+    /// sink is dropped unused). Idempotent.
+    pub fn shutdown(&self) {
         self.send(Command::Shutdown);
-        if let Some(t) = self.thread.take() {
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
+        // With the poller's own handles gone, this lets libzmq end the context's threads.
+        self.wake
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 }
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
     }
 }
 
@@ -396,5 +407,43 @@ impl Poller {
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads of hubs in this process: no other unit test of the crate starts one.
+    fn hub_threads() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| n.starts_with("kv-events-poll") || n.starts_with("ZMQbg"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_shared_hub_shut_down_from_one_handle_ends_its_threads() {
+        let hub = Arc::new(Hub::start().expect("hub"));
+        let other = hub.clone();
+        assert!(!hub_threads().is_empty(), "the poller and libzmq's threads");
+        hub.shutdown();
+        // A joined thread can linger in /proc for a moment after its join returns.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !hub_threads().is_empty() {
+            assert!(Instant::now() < deadline, "left: {:?}", hub_threads());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The other handle still works, and a late subscription ends at once.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        other.subscribe(SubscriberConfig::new("late", "tcp://127.0.0.1:9"), tx);
+        assert_eq!(rx.blocking_recv(), None, "its sink dropped unused");
+        assert_eq!(other.subscriptions(), 0);
+        hub.shutdown();
     }
 }

@@ -5,8 +5,13 @@
 //!  PodStream ──handle()──▶ pods: key → incarnation (uid, restarts, target)
 //!                              │ new incarnation: stop the old run, start one task per rank
 //!                              ▼
-//!  worker task (pod, rank): wait for the previous task of that worker ─▶ per-pod backoff
+//!  worker task (pod, rank): wait for the previous task of that worker (same pod name and
+//!      rank, even across a delete and a create) ─▶ per-pod backoff
+//!      ─▶ index.claim(worker): a new epoch; the Feed's writes and the cleanup carry it, so an
+//!         older incarnation's late writes or cleanup cannot touch the newer one's blocks
 //!      ─▶ hub.subscribe(Feed) ─▶ wait for the stop
+//!      ─▶ the feed dropped by the hub (it panicked): a failed subscription, shown and counted;
+//!         the worker's blocks leave the index; subscribe again after a backoff
 //!      ─▶ on stop: unsubscribe, wait until the hub has dropped the feed, then every block of
 //!         the worker leaves the index at once
 //!  Feed, on the hub's poller thread: apply batches in order as they are decoded;
@@ -20,7 +25,7 @@ use crate::pods::source::{PodEvent, PodStream};
 use crate::pods::{self, PodInfo, Target};
 use futures::StreamExt;
 use kv_subscriber::{Backoff, Delivery, Hub, Sink, SubscriberConfig, SubscriberEvent};
-use prefix_index::{Index, Source, WorkerId};
+use prefix_index::{Epoch, Index, Source, WorkerId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -40,6 +45,9 @@ pub struct ManagerConfig {
     pub churn_window: Duration,
     /// Bad input is logged at most once per worker per this interval (and always counted).
     pub log_interval: Duration,
+    /// Delay before subscribing again after a subscription failed (its feed panicked). The
+    /// attempt count restarts once a subscription has lasted `cap`.
+    pub failure_backoff: Backoff,
 }
 
 impl Default for ManagerConfig {
@@ -55,6 +63,11 @@ impl Default for ManagerConfig {
             },
             churn_window: Duration::from_secs(30),
             log_interval: Duration::from_secs(10),
+            failure_backoff: Backoff {
+                start: Duration::from_millis(500),
+                cap: Duration::from_secs(30),
+                factor: 2.0,
+            },
         }
     }
 }
@@ -67,6 +80,10 @@ pub struct ManagerStats {
     /// Worker tasks alive (subscribed, waiting or cleaning up).
     pub workers_running: AtomicU64,
     pub subscriptions_started: AtomicU64,
+    /// Subscriptions lost while they should run (the feed panicked and the hub dropped it).
+    pub subscription_failures: AtomicU64,
+    /// Workers waiting to subscribe again after a failure.
+    pub workers_failed: AtomicU64,
     pub batches_applied: AtomicU64,
     pub events_applied: AtomicU64,
     pub events_rejected: AtomicU64,
@@ -100,13 +117,70 @@ impl Default for ApplyLag {
     }
 }
 
+/// Where a worker task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerStatus {
+    /// Waiting for the previous incarnation's cleanup or for the pod's churn backoff.
+    Waiting,
+    /// Its subscription runs (the subscriber's own state says how far it is).
+    Subscribed,
+    /// Its subscription failed; it subscribes again after a backoff.
+    Failed,
+}
+
+impl WorkerStatus {
+    /// The name the API and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerStatus::Waiting => "waiting",
+            WorkerStatus::Subscribed => "subscribed",
+            WorkerStatus::Failed => "failed",
+        }
+    }
+}
+
 /// What the API shows of a running worker (pod, rank).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerInfo {
-    /// Its subscriber's counters, once subscribed.
-    pub counters: std::sync::OnceLock<Arc<kv_subscriber::SubscriberCounters>>,
+    /// Its current subscriber's counters (none while waiting or failed).
+    counters: parking_lot::RwLock<Option<Arc<kv_subscriber::SubscriberCounters>>>,
+    status: std::sync::atomic::AtomicU8,
+    /// Subscriptions of this worker that failed.
+    pub failures: AtomicU64,
     /// `ts` of the last batch applied, as f64 bits (0: none yet).
     pub last_ts: AtomicU64,
+}
+
+impl Default for WorkerInfo {
+    fn default() -> Self {
+        WorkerInfo {
+            counters: parking_lot::RwLock::new(None),
+            status: std::sync::atomic::AtomicU8::new(WorkerStatus::Waiting as u8),
+            failures: AtomicU64::new(0),
+            last_ts: AtomicU64::new(0),
+        }
+    }
+}
+
+impl WorkerInfo {
+    /// Its current subscriber's counters, if subscribed.
+    pub fn counters(&self) -> Option<Arc<kv_subscriber::SubscriberCounters>> {
+        self.counters.read().clone()
+    }
+
+    pub fn status(&self) -> WorkerStatus {
+        match self.status.load(Relaxed) {
+            0 => WorkerStatus::Waiting,
+            1 => WorkerStatus::Subscribed,
+            _ => WorkerStatus::Failed,
+        }
+    }
+
+    fn set(&self, status: WorkerStatus, counters: Option<Arc<kv_subscriber::SubscriberCounters>>) {
+        *self.counters.write() = counters;
+        self.status.store(status as u8, Relaxed);
+    }
 }
 
 /// Running workers, for the API.
@@ -116,9 +190,13 @@ pub type WorkerTable = Arc<parking_lot::RwLock<HashMap<WorkerId, Arc<WorkerInfo>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
     pub info: PodInfo,
-    /// Whether it has subscriptions (KV sync on and eligible).
+    /// Whether it has subscriptions (KV sync on and eligible); each worker's
+    /// [`WorkerInfo::status`] says whether its subscription runs or failed.
     pub subscribed: bool,
 }
+
+/// Per worker, the lock its tasks take in turn.
+type Locks = Arc<parking_lot::Mutex<HashMap<WorkerId, Arc<AsyncMutex<()>>>>>;
 
 /// The manager's shared view of pods, for the API.
 pub type PodTable = Arc<parking_lot::RwLock<BTreeMap<String, PodView>>>;
@@ -143,9 +221,10 @@ pub struct Manager {
     entries: HashMap<String, Entry>,
     relisting: HashMap<usize, HashSet<String>>,
     listed_scopes: HashSet<usize>,
-    /// Per pod, per rank: held by a worker task for its whole life, so the next incarnation's
-    /// task of that worker starts after the previous one has cleaned up.
-    locks: HashMap<String, HashMap<u32, Arc<AsyncMutex<()>>>>,
+    /// Per worker: held by its task for the task's whole life, so the next incarnation's task
+    /// of that worker (after a restart, or a delete and a create under the same name) starts
+    /// after the previous one has cleaned up. The last task of a worker removes its entry.
+    locks: Locks,
     /// Pods in `pods` that are eligible (kept as they change, not recounted per event).
     eligible: u64,
     tracker: TaskTracker,
@@ -168,7 +247,7 @@ impl Manager {
             entries: HashMap::new(),
             relisting: HashMap::new(),
             listed_scopes: HashSet::new(),
-            locks: HashMap::new(),
+            locks: Locks::default(),
             eligible: 0,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -347,8 +426,6 @@ impl Manager {
         }
         let old = self.pods.write().remove(key);
         self.count_eligible(old.as_ref(), false);
-        // Locks of this pod's workers: tasks still running hold their own clones.
-        self.locks.remove(key);
     }
 
     fn spawn_worker(
@@ -361,13 +438,7 @@ impl Manager {
         hub: Arc<Hub>,
     ) {
         let worker = WorkerId::new(key, rank);
-        let lock = self
-            .locks
-            .entry(key.to_owned())
-            .or_default()
-            .entry(rank)
-            .or_default()
-            .clone();
+        let lock = self.locks.lock().entry(worker.clone()).or_default().clone();
         let mut sub = SubscriberConfig::new(format!("{key} rank {rank}"), t.endpoint(rank));
         sub.replay_endpoint = t.replay_endpoint(rank);
         sub.topic = t.topic.clone().into_bytes();
@@ -386,6 +457,8 @@ impl Manager {
             index: self.index.clone(),
             stats: self.stats.clone(),
             log_interval: self.cfg.log_interval,
+            failure_backoff: self.cfg.failure_backoff,
+            locks: self.locks.clone(),
         };
         self.tracker
             .spawn(Arc::new(w).run(hub, sub, lock, delay, cancel));
@@ -401,6 +474,16 @@ struct WorkerTask {
     index: Arc<Index>,
     stats: Arc<ManagerStats>,
     log_interval: Duration,
+    failure_backoff: Backoff,
+    locks: Locks,
+}
+
+/// How a subscription ended.
+enum Ended {
+    /// Stopped by the manager.
+    Stopped,
+    /// It could not run on: why.
+    Failed(&'static str),
 }
 
 impl WorkerTask {
@@ -415,7 +498,7 @@ impl WorkerTask {
         self.stats.workers_running.fetch_add(1, Relaxed);
         // The previous incarnation's task of this worker finishes its cleanup first.
         let guard = tokio::select! {
-            g = lock.lock_owned() => Some(g),
+            g = lock.clone().lock_owned() => Some(g),
             () = cancel.cancelled() => None,
         };
         if guard.is_some() && !delay.is_zero() {
@@ -424,11 +507,49 @@ impl WorkerTask {
                 () = cancel.cancelled() => {},
             }
         }
-        if guard.is_some() && !cancel.is_cancelled() {
-            self.subscribed(&hub, sub, &cancel).await;
+        let mut attempt = 0u32;
+        // Jitter: a random seed per task, so workers that failed together spread out.
+        let mut rng = {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(&self.worker) | 1
+        };
+        // This task's incarnation of the worker in the index: its writes and its cleanup are
+        // refused once a newer one claims the worker, whatever the order tasks run in.
+        let mut epoch = None;
+        while guard.is_some() && !cancel.is_cancelled() {
+            let since = tokio::time::Instant::now();
+            epoch = self.index.claim(&self.worker);
+            let why = match epoch {
+                Some(e) => match self.subscribed(&hub, sub.clone(), e, &cancel).await {
+                    Ended::Stopped => break,
+                    Ended::Failed(why) => why,
+                },
+                None => "the index's worker table is full",
+            };
+            // What the worker held is unknown from here (events go unread until the next
+            // subscription, which starts from scratch).
+            let removed = epoch.map_or(0, |e| self.index.remove_worker_as(&self.worker, e));
+            if since.elapsed() >= self.failure_backoff.cap {
+                attempt = 0;
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let wait = self.failure_backoff.delay(attempt, rng);
+            attempt = attempt.saturating_add(1);
+            self.info.set(WorkerStatus::Failed, None);
+            self.info.failures.fetch_add(1, Relaxed);
+            self.stats.subscription_failures.fetch_add(1, Relaxed);
+            self.stats.workers_failed.fetch_add(1, Relaxed);
+            tracing::error!(worker = ?self.worker, removed, retry_in = ?wait, "subscription failed ({why}): blocks dropped, subscribing again after a backoff");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {},
+                () = cancel.cancelled() => {},
+            }
+            self.stats.workers_failed.fetch_sub(1, Relaxed);
         }
         // Every block of this incarnation leaves the index at once.
-        let removed = self.index.remove_worker(&self.worker);
+        let removed = epoch.map_or(0, |e| self.index.remove_worker_as(&self.worker, e));
         tracing::debug!(worker = ?self.worker, removed, "worker stopped");
         {
             let mut t = self.table.write();
@@ -438,36 +559,47 @@ impl WorkerTask {
                 t.remove(&self.worker);
             }
         }
-        drop(guard);
         self.stats.workers_running.fetch_sub(1, Relaxed);
+        drop(guard);
+        let mut locks = self.locks.lock();
+        // The map's clone and this one: no other task of the worker waits for it.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&self.worker);
+        }
     }
 
+    /// One subscription, until the manager stops it or the hub drops its feed.
     async fn subscribed(
         self: &Arc<Self>,
         hub: &Hub,
         sub: SubscriberConfig,
+        epoch: Epoch,
         cancel: &CancellationToken,
-    ) {
+    ) -> Ended {
         let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
         let mut feed = Feed {
             w: self.clone(),
+            epoch,
             last_log: None,
             unlogged: 0,
             _done: done_tx,
         };
         let s = hub.subscribe(sub, Sink::Direct(Box::new(move |ev| feed.handle(ev))));
-        let _ = self.info.counters.set(s.counters.clone());
+        self.info
+            .set(WorkerStatus::Subscribed, Some(s.counters.clone()));
         self.stats.subscriptions_started.fetch_add(1, Relaxed);
-        let hub_stopped = tokio::select! {
+        let dropped = tokio::select! {
             () = cancel.cancelled() => false,
             _ = &mut done => true,
         };
-        if !hub_stopped {
-            hub.unsubscribe(s.id);
-            // The poller drops the feed after its last event: from here on nothing of this
-            // worker is applied, so the caller's `remove_worker` is final.
-            let _ = done.await;
+        if dropped {
+            return Ended::Failed("its feed panicked");
         }
+        hub.unsubscribe(s.id);
+        // The poller drops the feed after its last event: from here on nothing of this
+        // worker is applied, so the caller's `remove_worker` is final.
+        let _ = done.await;
+        Ended::Stopped
     }
 }
 
@@ -477,6 +609,8 @@ impl WorkerTask {
 struct Feed {
     /// The worker whose events these are.
     w: Arc<WorkerTask>,
+    /// Its incarnation in the index.
+    epoch: Epoch,
     last_log: Option<Instant>,
     unlogged: u64,
     /// Dropped with the feed, which tells the worker task that no event will come any more.
@@ -492,7 +626,7 @@ impl Feed {
                     default_lora: self.w.lora.as_deref(),
                 };
                 for e in &batch.events {
-                    let a = self.w.index.apply(&self.w.worker, source, e);
+                    let a = self.w.index.apply_as(&self.w.worker, self.epoch, source, e);
                     if a.rejected.is_some() {
                         self.w.stats.events_rejected.fetch_add(1, Relaxed);
                     } else {
@@ -560,7 +694,7 @@ impl Feed {
 
     /// After lost batches or an engine restart, what the worker held is unknown: drop it.
     fn reset(&self, why: &str) {
-        let n = self.w.index.clear_worker(&self.w.worker);
+        let n = self.w.index.clear_worker_as(&self.w.worker, self.epoch);
         self.w.stats.resets.fetch_add(1, Relaxed);
         tracing::warn!(worker = ?self.w.worker, cleared = n, "{why}: worker's blocks dropped");
     }

@@ -154,6 +154,18 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         counter(
             &mut e,
+            "subscription_failures",
+            "Subscriptions lost because their feed panicked (each retried after a backoff)",
+            l(&s.subscription_failures),
+        )?;
+        gauge(
+            &mut e,
+            "workers_failed",
+            "Workers whose subscription failed, waiting to subscribe again",
+            l(&s.workers_failed) as i64,
+        )?;
+        counter(
+            &mut e,
             "batches_applied",
             "Event batches applied to the index",
             l(&s.batches_applied),
@@ -216,7 +228,7 @@ impl prometheus_client::collector::Collector for Collector {
         let now = crate::manager::unix_seconds();
         let mut held: Vec<(Vec<(String, String)>, i64)> = Vec::new();
         for (w, info) in workers.iter() {
-            if let Some(c) = info.counters.get() {
+            if let Some(c) = info.counters() {
                 by_state[(c.state() as usize).min(4)] += 1;
                 replays_req += l(&c.replays_requested);
                 replays_ok += l(&c.replays_completed);

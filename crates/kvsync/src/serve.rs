@@ -58,22 +58,36 @@ impl Default for Options {
     }
 }
 
-/// A running service.
+/// A running service: one task owns everything it runs (the HTTP server and its
+/// connections, the manager and its worker tasks, the readiness log, the hub's poller thread).
+/// Dropped without [`Running::stop`], it still stops all of that, without waiting.
 #[derive(Debug)]
 pub struct Running {
     /// Where the HTTP API listens.
     pub addr: SocketAddr,
     /// The manager's worker tasks (empty after `stop`).
     pub tracker: TaskTracker,
+    /// The index the service keeps (for its owner's checks).
+    pub index: Arc<Index>,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<()>>,
+    /// Taken by `stop`.
+    task: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl Running {
     /// Stops accepting, finishes in-flight requests, stops every subscriber, joins every task.
-    pub async fn stop(self) -> Result<()> {
+    pub async fn stop(mut self) -> Result<()> {
         self.stop.cancel();
-        self.task.await.context("service task")?
+        match self.task.take() {
+            Some(task) => task.await.context("service task")?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -142,25 +156,35 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let stop = CancellationToken::new();
     let tracker = manager.tracker();
     let mut ready = manager.ready();
-    let manager_task = tokio::spawn(manager.run(events, scopes, stop.clone()));
-    tokio::spawn(async move {
-        if ready.wait_for(|r| *r).await.is_ok() {
-            tracing::info!("ready: the first pod list is applied");
+    let ready_log = {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                r = ready.wait_for(|r| *r) => if r.is_ok() {
+                    tracing::info!("ready: the first pod list is applied");
+                },
+                () = stop.cancelled() => {},
+            }
         }
-    });
+    };
+    let manager = manager.run(events, scopes, stop.clone());
     // Responses go out at once (no Nagle delay behind a small write).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
     let server = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
+    // The server, the manager and the readiness log run in this one task and end with it.
+    let running_index = index.clone();
     let task = tokio::spawn(async move {
-        let served = server.await.context("HTTP server");
-        manager_task.await.context("manager task")?;
+        let (served, (), ()) = tokio::join!(
+            std::future::IntoFuture::into_future(server),
+            manager,
+            ready_log
+        );
+        let served = served.context("HTTP server");
         if let Some(hub) = hub {
-            if let Ok(h) = Arc::try_unwrap(hub) {
-                h.shutdown();
-            }
+            hub.shutdown();
         }
         let s = index.stats();
         tracing::info!(blocks = s.blocks, workers = s.workers, "stopped");
@@ -169,8 +193,9 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     Ok(Running {
         addr,
         tracker,
+        index: running_index,
         stop,
-        task,
+        task: Some(task),
     })
 }
 

@@ -11,7 +11,7 @@ use apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::Pod;
 use kv_events::{encode, BlockHash, BlockStored, Event, EventBatch, WireFormat};
 use kv_subscriber::Hub;
-use kvsync::manager::{Manager, ManagerConfig, ManagerStats, PodTable};
+use kvsync::manager::{Manager, ManagerConfig, ManagerStats, PodTable, WorkerStatus};
 use kvsync::pods::{source, Ineligible};
 use prefix_index::{Index, IndexConfig};
 use serde_json::json;
@@ -119,6 +119,7 @@ struct Fixture {
     hub: Arc<Hub>,
     stats: Arc<ManagerStats>,
     pods: PodTable,
+    workers: kvsync::manager::WorkerTable,
     tracker: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -130,7 +131,7 @@ impl Fixture {
         let index = Arc::new(Index::new(IndexConfig::default()));
         let hub = Arc::new(Hub::start().expect("hub"));
         let m = Manager::new(cfg, index.clone(), Some(hub.clone()));
-        let (stats, tracker, pods) = (m.stats(), m.tracker(), m.pods());
+        let (stats, tracker, pods, workers) = (m.stats(), m.tracker(), m.pods(), m.workers());
         let mut ready = m.ready();
         let shutdown = CancellationToken::new();
         let events = source::kubernetes(api.client(), &[]);
@@ -145,10 +146,20 @@ impl Fixture {
             hub,
             stats,
             pods,
+            workers,
             tracker,
             shutdown,
             task,
         }
+    }
+
+    /// The status of a worker's task and its failures so far.
+    fn worker(&self, pod: &str, rank: u32) -> Option<(WorkerStatus, u64)> {
+        let w = prefix_index::WorkerId::new(pod, rank);
+        self.workers
+            .read()
+            .get(&w)
+            .map(|i| (i.status(), i.failures.load(Relaxed)))
     }
 
     /// Blocks the worker holds for the test's block (tokens 1..=4).
@@ -608,5 +619,173 @@ async fn a_pod_without_a_replay_socket_is_never_asked_to_replay() {
     assert_eq!(f.held_by("ml/vllm-0", 0), 0, "the gap cleared the worker");
     p.send(seq + 2, &stored(seq + 2, 0)); // reads any replay request logged meanwhile
     assert!(p.replays.is_empty(), "replays requested: {:?}", p.replays);
+    f.stop().await;
+}
+
+/// Blocks 78 and 79 (tokens 5..=12) after the test's block 77.
+fn chained(seq: u64) -> Vec<u8> {
+    encode(
+        &EventBatch {
+            ts: seq as f64,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: vec![BlockHash::Uint(78), BlockHash::Uint(79)],
+                parent_block_hash: Some(BlockHash::Uint(77)),
+                token_ids: (5..=12).collect(),
+                block_size: 4,
+                ..Default::default()
+            })],
+            data_parallel_rank: Some(0),
+        },
+        &WireFormat::VLLM_0_33,
+    )
+}
+
+/// A panic in the feed (here: in the middle of an index apply) loses the subscription: the
+/// index is left consistent, the failure is counted, and the manager subscribes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_that_panics_mid_apply_is_retried_and_leaves_the_index_consistent() {
+    let f = Fixture::start(ManagerConfig {
+        failure_backoff: kv_subscriber::Backoff {
+            start: Duration::from_millis(50),
+            cap: Duration::from_secs(1),
+            factor: 2.0,
+        },
+        ..test_config()
+    })
+    .await;
+    let mut p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let started = || f.stats.subscriptions_started.load(Relaxed);
+    f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.1", ports));
+    let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
+    // The second block of the next store is filed, then the apply panics.
+    f.index.inject_panic(1);
+    p.send(seq, &chained(seq));
+    eventually("the worker's blocks dropped after the panic", || {
+        f.held_by("ml/vllm-0", 0) == 0
+    })
+    .await;
+    f.index.check_invariants();
+    assert_eq!(f.index.stats().panics_repaired, 1);
+    eventually("subscribed again", || started() == 2).await;
+    assert_eq!(f.stats.subscription_failures.load(Relaxed), 1);
+    assert_eq!(
+        f.worker("ml/vllm-0", 0),
+        Some((WorkerStatus::Subscribed, 1)),
+        "subscribed again, one failure"
+    );
+    // The new subscription replays what the engine holds.
+    f.feed(&mut p, "ml/vllm-0", 0, seq + 1).await;
+    f.index.check_invariants();
+    let full: Vec<u32> = (1..=12).collect();
+    eventually("the whole chain is back", || {
+        f.index
+            .lookup(MODEL, None, &full)
+            .matches
+            .first()
+            .map(|m| m.blocks)
+            == Some(3)
+    })
+    .await;
+    f.stop().await;
+}
+
+/// A failed subscription is visible while its retry waits: the worker says `Failed`, the
+/// manager counts it, and it holds nothing. Stopping the pod ends the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_subscription_is_shown_until_its_retry() {
+    let f = Fixture::start(ManagerConfig {
+        failure_backoff: kv_subscriber::Backoff {
+            start: Duration::from_secs(3600),
+            cap: Duration::from_secs(3600),
+            factor: 2.0,
+        },
+        ..test_config()
+    })
+    .await;
+    let mut p = Publisher::start(&[]);
+    f.api.apply(ready_pod(
+        "vllm-0",
+        "u1",
+        "127.0.0.1",
+        (p.pub_port, p.replay_port),
+    ));
+    let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
+    assert_eq!(
+        f.worker("ml/vllm-0", 0),
+        Some((WorkerStatus::Subscribed, 0))
+    );
+    f.index.inject_panic(0);
+    p.send(seq, &chained(seq));
+    eventually("the failure seen", || {
+        f.worker("ml/vllm-0", 0) == Some((WorkerStatus::Failed, 1))
+    })
+    .await;
+    assert_eq!(f.stats.subscription_failures.load(Relaxed), 1);
+    assert_eq!(f.stats.workers_failed.load(Relaxed), 1);
+    assert_eq!(f.held_by("ml/vllm-0", 0), 0);
+    f.index.check_invariants();
+    // The pod goes: its task ends during the hour-long backoff.
+    f.api.delete("ml", "vllm-0");
+    eventually("the failed worker's task ended", || {
+        f.stats.workers_running.load(Relaxed) == 0
+    })
+    .await;
+    assert_eq!(f.stats.workers_failed.load(Relaxed), 0);
+    assert_eq!(f.stats.subscriptions_started.load(Relaxed), 1);
+    f.stop().await;
+}
+/// A pod deleted and created again under its name: the new incarnation's worker (same pod
+/// name and rank) subscribes only after the old one has unsubscribed and dropped its blocks,
+/// which would otherwise wipe what the new one applied. The old one's cleanup is held up here
+/// by a sink that keeps the hub's poller thread busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_recreated_under_its_name_subscribes_after_the_old_incarnation_cleaned_up() {
+    use kv_subscriber::{Delivery, Sink, SubscriberConfig, SubscriberEvent};
+    let f = Fixture::start(test_config()).await;
+    let mut p = Publisher::start(&[]);
+    let ports = (p.pub_port, p.replay_port);
+    let started = || f.stats.subscriptions_started.load(Relaxed);
+    let running = || f.stats.workers_running.load(Relaxed);
+    f.api.apply(ready_pod("vllm-0", "u1", "127.0.0.1", ports));
+    let seq = f.feed(&mut p, "ml/vllm-0", 0, 0).await;
+
+    // Another subscriber's sink holds the poller thread until `release` is dropped.
+    let mut q = Publisher::start(&[]);
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let blocker = f.hub.subscribe(
+        SubscriberConfig::new("blocker", q.endpoint()),
+        Sink::Direct(Box::new(move |ev| {
+            if matches!(ev, SubscriberEvent::Delivery(Delivery::Batch(..))) {
+                let _ = entered_tx.send(());
+                let _ = hold.recv();
+            }
+        })),
+    );
+    let mut qseq = 0;
+    while entered.try_recv().is_err() {
+        q.send(qseq, &stored(qseq, 0));
+        qseq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(qseq < 500, "the blocker never received a batch");
+    }
+
+    f.api.delete("ml", "vllm-0");
+    f.api.apply(ready_pod("vllm-0", "u2", "127.0.0.1", ports));
+    eventually("the new incarnation's task started", || running() == 2).await;
+    assert_eq!(
+        started(),
+        1,
+        "the new incarnation subscribed while the old one still holds the worker"
+    );
+    drop(release);
+    eventually("the old incarnation gone, the new one subscribed", || {
+        running() == 1 && started() == 2
+    })
+    .await;
+    f.feed(&mut p, "ml/vllm-0", 0, seq).await;
+    f.index.check_invariants();
+    f.hub.unsubscribe(blocker.id);
     f.stop().await;
 }

@@ -364,6 +364,8 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
         4.0
     );
     assert_eq!(value("kvsync_subscribers", Some(("state", "live"))), 2.0);
+    assert_eq!(value("kvsync_subscription_failures_total", None), 0.0);
+    assert_eq!(value("kvsync_workers_failed", None), 0.0);
     assert_eq!(value("kvsync_index_blocks", None), 4.0);
     assert_eq!(value("kvsync_worker_blocks", Some(("pod", "ml/a"))), 4.0);
     assert_eq!(value("kvsync_worker_blocks", Some(("pod", "ml/b"))), 2.0);
@@ -378,11 +380,19 @@ async fn routes_by_tokens_prompt_and_messages_rejects_bad_input_and_exports_metr
         .map(|x| &x["workers"][0])
         .expect("pod a");
     assert_eq!(
-        (&w["endpoint"], &w["replay_endpoint"], &w["state"]),
+        (
+            &w["endpoint"],
+            &w["replay_endpoint"],
+            &w["state"],
+            &w["subscription"],
+            &w["failures"]
+        ),
         (
             &json!(format!("tcp://127.0.0.1:{}", a.pub_port)),
             &json!(format!("tcp://127.0.0.1:{}", a.replay_port)),
-            &json!("Live")
+            &json!("Live"),
+            &json!("subscribed"),
+            &json!(0)
         ),
         "{pods}"
     );
@@ -636,6 +646,80 @@ async fn oversized_and_stalled_bodies_are_answered_not_reset() {
     assert!(error_of(&body).contains("not received within"), "{body:?}");
     assert!(closes(&headers), "{headers:?}");
 
+    running.stop().await.expect("clean stop");
+    passed(&file);
+}
+
+/// A subscription whose feed panics (an injected fault cuts an index apply in the middle) is
+/// counted in /v1/pods and /metrics and subscribed again: the pod's blocks come back, and the
+/// index is consistent throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_subscription_is_shown_and_retried() {
+    let (tok, _tok_task) = tokenizer().await;
+    let mut a = Publisher::start(&[]);
+    let file = temp_file("failed", &pod_yaml("a", &a));
+    let (running, http) = start_listed(config(true, tok), options(file.clone())).await;
+    // One block, then empty batches (seqs kept here) until it is applied.
+    let empty = encode(
+        &EventBatch {
+            ts: 0.0,
+            events: vec![],
+            data_parallel_rank: Some(0),
+        },
+        &WireFormat::VLLM_0_33,
+    );
+    a.send(0, &stored(0, &[1], None, vec![1, 2, 3, 4]));
+    let mut seq = 1;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get_json("/v1/pods").await["pods"][0]["workers"][0]["blocks"] != 1 {
+        assert!(Instant::now() < deadline, "the first block never applied");
+        a.send(seq, &empty);
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.index.inject_panic(0);
+    // The next block's store panics; the retry's replay applies it.
+    a.send(seq, &stored(seq, &[2], Some(1), vec![5, 6, 7, 8]));
+    loop {
+        let pods = http.get_json("/v1/pods").await;
+        let (pod, w) = (&pods["pods"][0], &pods["pods"][0]["workers"][0]);
+        if w["failures"] == 1 && w["subscription"] == "subscribed" && w["blocks"] == 2 {
+            assert_eq!(pod["subscribed"], true, "{pods}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never failed and resubscribed: {pods}"
+        );
+        if w["subscription"] == "failed" {
+            assert_eq!(pod["subscribed"], false, "{pods}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.index.check_invariants();
+    assert_eq!(running.index.stats().panics_repaired, 1);
+    let (_, body) = http.call("GET", "/metrics", Vec::new()).await;
+    let text = String::from_utf8(body).expect("utf-8");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let value = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value("kvsync_subscription_failures_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(value("kvsync_workers_failed"), Some(0.0), "{text}");
     running.stop().await.expect("clean stop");
     passed(&file);
 }

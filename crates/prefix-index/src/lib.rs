@@ -22,5 +22,5 @@ pub use hash::{context_root, ChainHasher, DEFAULT_SEED};
 pub use index::Index;
 pub use tier::{Tier, TierMask};
 pub use types::{
-    Applied, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId, MAX_WORKERS,
+    Applied, Epoch, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId, MAX_WORKERS,
 };

@@ -108,7 +108,15 @@ pub enum Rejection {
     ContextLimit,
     /// The worker table is full.
     WorkerLimit,
+    /// A write of an incarnation of the worker that a newer one has superseded
+    /// ([`crate::Index::claim`]).
+    Stale,
 }
+
+/// One incarnation of a worker, from [`crate::Index::claim`]: writes that carry it are refused
+/// once a newer incarnation has claimed the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Epoch(pub(crate) u64);
 
 /// Counters and sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -130,6 +138,14 @@ pub struct Stats {
     pub partial_blocks: u64,
     pub context_evictions: u64,
     pub rejected_limits: u64,
+    /// Writes refused because a newer incarnation of their worker had claimed it.
+    pub stale: u64,
+    /// Panics inside an apply (or a worker's removal) after which the worker's holdings were
+    /// dropped to leave the index consistent.
+    pub panics_repaired: u64,
+    /// Panics after which dropping the worker did not restore every invariant: the whole
+    /// index was emptied.
+    pub panic_resets: u64,
 }
 
 /// Per worker, the consecutive leading blocks of a query it holds.

@@ -112,17 +112,19 @@ async fn pods(State(s): State<Arc<AppState>>) -> Response {
                         .map(|r| {
                             let w = WorkerId::new(v.info.key.clone(), r);
                             let info = workers.get(&w);
-                            let c = info.and_then(|i| i.counters.get());
+                            let c = info.and_then(|i| i.counters());
                             let ts = info.map_or(0.0, |i| f64::from_bits(i.last_ts.load(Relaxed)));
                             json!({
                                 "dp_rank": r,
                                 "endpoint": t.endpoint(r),
                                 "replay_endpoint": t.replay_endpoint(r),
-                                "state": c.map(|c| format!("{:?}", c.state())),
-                                "last_seq": c.and_then(|c| c.next_seq.load(Relaxed).checked_sub(1)),
+                                "subscription": info.map(|i| i.status().name()),
+                                "failures": info.map(|i| i.failures.load(Relaxed)),
+                                "state": c.as_ref().map(|c| format!("{:?}", c.state())),
+                                "last_seq": c.as_ref().and_then(|c| c.next_seq.load(Relaxed).checked_sub(1)),
                                 "lag_seconds": (ts > 0.0).then_some(now - ts),
-                                "gaps_repaired": c.map(|c| c.gaps_repaired.load(Relaxed)),
-                                "batches_lost": c.map(|c| c.batches_lost.load(Relaxed)),
+                                "gaps_repaired": c.as_ref().map(|c| c.gaps_repaired.load(Relaxed)),
+                                "batches_lost": c.as_ref().map(|c| c.batches_lost.load(Relaxed)),
                                 "blocks": s.index.worker_blocks(&w).unwrap_or(0),
                             })
                         })
@@ -136,7 +138,8 @@ async fn pods(State(s): State<Arc<AppState>>) -> Response {
                 "address": target.map(|t| &t.ip),
                 "eligible": target.is_some(),
                 "reason": reason,
-                "subscribed": v.subscribed,
+                // Not while a worker's subscription has failed (it is retried).
+                "subscribed": v.subscribed && ranks.iter().all(|r| r["subscription"] != "failed"),
                 "workers": ranks,
             })
         })

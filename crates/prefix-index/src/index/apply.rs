@@ -5,6 +5,35 @@
 use super::*;
 
 impl State {
+    pub(super) fn apply(
+        &mut self,
+        cfg: &IndexConfig,
+        worker: &WorkerId,
+        source: Source<'_>,
+        event: &Event,
+        tick: u64,
+    ) -> Applied {
+        let Some(w) = self.worker(worker, cfg) else {
+            self.stats.rejected_limits += 1;
+            return rejected(Rejection::WorkerLimit);
+        };
+        let out = match event {
+            Event::BlockStored(s) => self.store(cfg, w, source, s, tick),
+            Event::BlockRemoved(r) => self.remove(w, r),
+            Event::AllBlocksCleared => Applied {
+                removed: self.clear_worker(w),
+                ..Applied::default()
+            },
+        };
+        self.enforce_budget(cfg);
+        out
+    }
+
+    /// Whether `epoch` is `worker`'s current incarnation.
+    pub(super) fn is_current(&self, worker: &WorkerId, epoch: Epoch) -> bool {
+        self.fences.get(worker) == Some(&epoch.0)
+    }
+
     pub(super) fn context_ref(&self, model: &str, lora: Option<&str>) -> Option<&Context> {
         self.context_ids
             .get(&ContextRef(model, lora))
@@ -237,6 +266,8 @@ impl State {
                     ctx.insert(router, prev_slot, holder)
                 }
             };
+            #[cfg(any(test, feature = "faults"))]
+            self.fault_point();
             let wk = self.workers[w as usize].as_mut().expect("live");
             engine_insert(wk, ekey, c, slot, vacancy);
             self.worker_blocks += 1;
@@ -344,6 +375,42 @@ impl State {
             }
         }
         out
+    }
+
+    /// `Index::inject_panic`'s countdown.
+    #[cfg(any(test, feature = "faults"))]
+    fn fault_point(&mut self) {
+        match self.fault {
+            Some(0) => {
+                self.fault = None;
+                panic!("injected fault: a store cut in the middle");
+            }
+            Some(n) => self.fault = Some(n - 1),
+            None => {}
+        }
+    }
+
+    /// Drops everything `worker` holds and forgets it; contexts left without a block go too
+    /// (their block size is learned again).
+    pub(super) fn remove_worker(&mut self, worker: &WorkerId) -> u32 {
+        let Some(&w) = self.worker_ids.get(worker) else {
+            return 0;
+        };
+        let n = self.clear_worker(w);
+        self.worker_ids.remove(worker);
+        self.workers[w as usize] = None;
+        self.bytes -= WORKER_COST;
+        let empty: Vec<u32> = self
+            .contexts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.len() == 0))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for c in empty {
+            self.drop_context(c);
+        }
+        n
     }
 
     pub(super) fn clear_worker(&mut self, w: u32) -> u32 {

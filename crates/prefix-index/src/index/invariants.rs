@@ -95,5 +95,6 @@ impl State {
         assert_eq!(blocks, self.blocks, "block count");
         assert_eq!(worker_blocks, self.worker_blocks, "worker block count");
         assert_eq!(holders_total, worker_blocks, "holders and engine entries");
+        assert_eq!(self.bytes, self.counted_bytes(), "byte accounting");
     }
 }

@@ -6,13 +6,16 @@
 //!
 //! This module holds the public [`Index`], the `State` behind its lock and the per-worker
 //! engine-hash tables; the state's jobs are in `apply` (stores, removals, clears), `lookup`
-//! (a query's walk), `evict` (the budget) and `invariants` (the from-scratch check).
+//! (a query's walk), `evict` (the budget), `invariants` (the from-scratch check) and
+//! `repair` (after a panic in a write).
 
 use crate::context::{Context, Holder, NIL};
 use crate::hash::{context_root, ChainHasher};
 use crate::table::{SlotTable, Vacancy};
 use crate::tier::{Tier, TierMask};
-use crate::types::{Applied, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId};
+use crate::types::{
+    Applied, Epoch, IndexConfig, Lookup, Match, Rejection, Source, Stats, WorkerId,
+};
 use hashbrown::HashMap;
 use kv_events::{BlockRemoved, BlockStored, Event, Medium};
 use parking_lot::RwLock;
@@ -68,15 +71,27 @@ struct State {
     hasher: ChainHasher,
     /// Router hashes of the run being stored (reused between events).
     scratch: Vec<u64>,
+    /// The current incarnation of each claimed worker ([`Index::claim`]); at most
+    /// `max_workers` entries, each gone with its worker's fenced removal.
+    fences: HashMap<WorkerId, u64>,
+    /// The last epoch handed out.
+    epochs: u64,
+    /// `Index::inject_panic`: blocks to store before a store panics.
+    #[cfg(any(test, feature = "faults"))]
+    fault: Option<u32>,
 }
 
-/// The sync prefix hash index. Cheap to share: wrap it in an `Arc`.
+/// The sync prefix hash index. Cheap to share: wrap it in an `Arc`. Unwind-safe: a panic
+/// inside one of its writes leaves it consistent (see `Index::write`).
 #[derive(Debug)]
 pub struct Index {
     cfg: IndexConfig,
     state: RwLock<State>,
     tick: AtomicU64,
 }
+
+impl std::panic::RefUnwindSafe for Index {}
+impl std::panic::UnwindSafe for Index {}
 
 impl Index {
     pub fn new(cfg: IndexConfig) -> Self {
@@ -98,53 +113,104 @@ impl Index {
     /// Applies one event of `worker`. A worker's events must be applied in order.
     pub fn apply(&self, worker: &WorkerId, source: Source<'_>, event: &Event) -> Applied {
         let tick = self.next_tick();
-        let mut st = self.state.write();
-        let Some(w) = st.worker(worker, &self.cfg) else {
-            st.stats.rejected_limits += 1;
-            return rejected(Rejection::WorkerLimit);
-        };
-        let out = match event {
-            Event::BlockStored(s) => st.store(&self.cfg, w, source, s, tick),
-            Event::BlockRemoved(r) => st.remove(w, r),
-            Event::AllBlocksCleared => Applied {
-                removed: st.clear_worker(w),
-                ..Applied::default()
-            },
-        };
-        st.enforce_budget(&self.cfg);
-        out
+        self.write(worker, |st| {
+            st.apply(&self.cfg, worker, source, event, tick)
+        })
     }
 
-    /// Drops everything `worker` holds and forgets it. Returns the blocks it held.
+    /// Drops everything `worker` holds and forgets it (and any incarnation claimed). Returns
+    /// the blocks it held.
     pub fn remove_worker(&self, worker: &WorkerId) -> u32 {
-        let mut st = self.state.write();
-        let Some(&w) = st.worker_ids.get(worker) else {
-            return 0;
-        };
-        let n = st.clear_worker(w);
-        st.worker_ids.remove(worker);
-        st.workers[w as usize] = None;
-        st.bytes -= WORKER_COST;
-        // Contexts left without a block go too (their block size is learned again).
-        let empty: Vec<u32> = st
-            .contexts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.len() == 0))
-            .map(|(i, _)| i as u32)
-            .collect();
-        for c in empty {
-            st.drop_context(c);
-        }
-        n
+        self.write(worker, |st| {
+            st.fences.remove(worker);
+            st.remove_worker(worker)
+        })
+    }
+
+    /// Starts a new incarnation of `worker` (a pod that came back under the same name and
+    /// rank, a new subscription): whatever an earlier one left is dropped, and from now on
+    /// the writes of earlier incarnations ([`Index::apply_as`], [`Index::clear_worker_as`],
+    /// [`Index::remove_worker_as`]) are refused, so a late cleanup of an old incarnation
+    /// cannot wipe what the new one applied. None when `max_workers` workers are claimed.
+    pub fn claim(&self, worker: &WorkerId) -> Option<Epoch> {
+        self.write(worker, |st| {
+            if !st.fences.contains_key(worker)
+                && st.fences.len() >= self.cfg.max_workers.min(crate::types::MAX_WORKERS)
+            {
+                st.stats.rejected_limits += 1;
+                return None;
+            }
+            st.epochs += 1;
+            let epoch = st.epochs;
+            st.fences.insert(worker.clone(), epoch);
+            if let Some(&w) = st.worker_ids.get(worker) {
+                st.clear_worker(w);
+            }
+            Some(Epoch(epoch))
+        })
+    }
+
+    /// [`Index::apply`] for incarnation `epoch` of `worker`: [`Rejection::Stale`] once a newer
+    /// incarnation has claimed it, or after the worker's removal.
+    pub fn apply_as(
+        &self,
+        worker: &WorkerId,
+        epoch: Epoch,
+        source: Source<'_>,
+        event: &Event,
+    ) -> Applied {
+        let tick = self.next_tick();
+        self.write(worker, |st| {
+            if !st.is_current(worker, epoch) {
+                st.stats.stale += 1;
+                return rejected(Rejection::Stale);
+            }
+            st.apply(&self.cfg, worker, source, event, tick)
+        })
+    }
+
+    /// [`Index::clear_worker`] for incarnation `epoch`: nothing when it is not the current one.
+    pub fn clear_worker_as(&self, worker: &WorkerId, epoch: Epoch) -> u32 {
+        self.write(worker, |st| match st.worker_ids.get(worker) {
+            Some(&w) if st.is_current(worker, epoch) => st.clear_worker(w),
+            _ => 0,
+        })
+    }
+
+    /// [`Index::remove_worker`] for incarnation `epoch`: nothing when a newer incarnation has
+    /// claimed the worker (what it holds is the newer one's).
+    pub fn remove_worker_as(&self, worker: &WorkerId, epoch: Epoch) -> u32 {
+        self.write(worker, |st| {
+            if !st.is_current(worker, epoch) {
+                return 0;
+            }
+            st.fences.remove(worker);
+            st.remove_worker(worker)
+        })
     }
 
     /// Drops everything `worker` holds but keeps it known (a reset after a gap or restart).
     pub fn clear_worker(&self, worker: &WorkerId) -> u32 {
-        let mut st = self.state.write();
-        match st.worker_ids.get(worker) {
+        self.write(worker, |st| match st.worker_ids.get(worker) {
             Some(&w) => st.clear_worker(w),
             None => 0,
+        })
+    }
+
+    /// Runs `f` on the state under the write lock. The lock (parking_lot) does not poison, so
+    /// a panic in `f` must not leave the state half-changed for the next holder: what
+    /// `worker` holds is dropped (the change cut in the middle was its), the counts are
+    /// recomputed, and when that does not restore every invariant the whole state is
+    /// emptied; then the panic goes on to the caller.
+    fn write<R>(&self, worker: &WorkerId, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut st = self.state.write();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut st))) {
+            Ok(r) => r,
+            Err(panic) => {
+                st.repair(worker);
+                drop(st);
+                std::panic::resume_unwind(panic)
+            }
         }
     }
 
@@ -234,6 +300,14 @@ impl Index {
             bytes: st.bytes,
             ..st.stats
         }
+    }
+
+    /// Makes a coming store panic after `after_blocks` more blocks are filed in their context
+    /// and before the last one's engine entry: an apply cut in the middle, for tests of what a
+    /// panic leaves behind.
+    #[cfg(any(test, feature = "faults"))]
+    pub fn inject_panic(&self, after_blocks: u32) {
+        self.state.write().fault = Some(after_blocks);
     }
 
     /// Checks every internal invariant; panics with a description when one is broken.
@@ -331,3 +405,6 @@ mod apply;
 mod evict;
 mod invariants;
 mod lookup;
+mod repair;
+#[cfg(test)]
+mod tests;
