@@ -39,6 +39,10 @@ use crate::pool::Lora;
 use crate::tokenizer::{detokenize_json, tokenize_json, Tokenizer, FIRST_WORD_ID};
 use protocol::Head;
 
+/// The response header naming the pod a routing backend chose ([`Backend::submit_routed`]), as
+/// `kvsync serve` names it.
+pub const POD_HEADER: &str = "x-kvsync-pod";
+
 /// What the HTTP layer serves, besides the backend.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
