@@ -260,12 +260,12 @@ impl EngineHandle {
     /// Its prefix-cache hit and time to first token if a request for `prompt` arrived now
     /// and nothing else did ([`crate::predict::first_token`] on a copy of the scheduler taken
     /// under the lock and run outside it); `None` when it would be refused or no token comes
-    /// within `max_steps` steps.
+    /// within the horizon.
     pub fn predict(
         &self,
         prompt: &[u32],
         lora: Option<&Lora>,
-        max_steps: usize,
+        horizon: crate::predict::Horizon,
     ) -> Option<crate::predict::Prediction> {
         let (copy, now) = {
             let st = self.shared.state.lock();
@@ -274,7 +274,7 @@ impl EngineHandle {
             }
             (st.sched.clone(), self.shared.engine_now())
         };
-        crate::predict::first_token(&copy, prompt, lora, now, max_steps)
+        crate::predict::first_token(&copy, prompt, lora, now, horizon)
     }
 
     /// A snapshot of the engine's `/metrics` values.

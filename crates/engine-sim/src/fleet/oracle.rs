@@ -6,8 +6,9 @@
 //!
 //! Ties (equal predictions, e.g. idle engines none of which holds the prefix) go to the
 //! engine with the fewest requests ahead, then in turn from a rotating start, so an idle
-//! fleet is filled evenly. A prediction runs on the caller's thread: microseconds for an idle
-//! engine, up to [`MAX_STEPS`] steps of the copy for a deep queue.
+//! fleet is filled evenly. Predictions run on the caller's thread, the least busy engines
+//! first: the best so far is the horizon of the next, so a deep queue costs the copy's steps
+//! up to that time only (at most [`MAX_STEPS`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tokio::sync::mpsc::Receiver;
 
 use super::Slot;
 use crate::http::{Backend, EngineMetrics, GenerateRequest, SubmitError, TokenEvent};
-use crate::predict::Prediction;
+use crate::predict::{Horizon, Prediction};
 
 /// Steps a prediction may simulate; an engine needing more counts as hopeless.
 pub const MAX_STEPS: usize = 4096;
@@ -95,15 +96,32 @@ impl Backend for Oracle {
         &self,
         req: GenerateRequest,
     ) -> Result<(Receiver<TokenEvent>, Option<String>), SubmitError> {
-        let predictions: Vec<Option<Prediction>> = self
-            .slots
-            .iter()
-            .map(|s| {
-                s.with_handle(|h| h.predict(&req.prompt, req.lora.as_ref(), MAX_STEPS))
-                    .flatten()
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // The least busy engines first: the best prediction so far bounds the others'.
+        let n = self.slots.len();
+        let mut order: Vec<(usize, usize)> = (0..n)
+            .map(|k| (start + k) % n)
+            .map(|i| {
+                let m = self.slots[i].with_handle(|h| h.stats()).unwrap_or_default();
+                (m.num_requests_running + m.num_requests_waiting, i)
             })
             .collect();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        order.sort_by_key(|&(ahead, _)| ahead);
+        let mut predictions: Vec<Option<Prediction>> = vec![None; n];
+        let mut best = f64::INFINITY;
+        for (_, i) in order {
+            let horizon = Horizon {
+                max_steps: MAX_STEPS,
+                max_ttft: best,
+            };
+            let p = self.slots[i]
+                .with_handle(|h| h.predict(&req.prompt, req.lora.as_ref(), horizon))
+                .flatten();
+            if let Some(p) = p {
+                best = best.min(p.ttft);
+            }
+            predictions[i] = p;
+        }
         let mut last = SubmitError::Stopped;
         for i in rank(&predictions, start) {
             let slot = &self.slots[i];
