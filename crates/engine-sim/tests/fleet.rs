@@ -332,6 +332,12 @@ async fn killing_http_cuts_streams_and_a_restart_keeps_the_ports() {
     // A restart: same ports, an empty cache.
     e.restart().await.expect("restart");
     assert_eq!(e.info(), before);
+    let h = e.handle().expect("restarted");
+    let port = |s: &str| s.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+    assert_eq!(Some(h.pub_port()), port(&before.kv_events));
+    assert_eq!(h.replay_port(), before.replay.as_deref().and_then(port));
+    assert_eq!(h.next_seq(), 0, "a new process counts from 0");
+    drop(h);
     let (v, _) = complete(&http, &before.url, &text("k", 100), 2).await;
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     fleet.shutdown().await;

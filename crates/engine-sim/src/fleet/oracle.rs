@@ -9,6 +9,10 @@
 //! fleet is filled evenly. Predictions run on the caller's thread, the least busy engines
 //! first: the best so far is the horizon of the next, so a deep queue costs the copy's steps
 //! up to that time only (at most [`MAX_STEPS`]).
+//!
+//! Requests it routes go to the engines' handles, not through their HTTP servers: the
+//! engines' `/metrics` gauges and counters see them, the latency histograms of the oracle's
+//! own `/metrics` do (its gauges and counters are the fleet's sums).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
