@@ -83,6 +83,9 @@ pub struct SimConfig {
     pub cost: CostModel,
     /// Engine seconds per wall second (`--speed`).
     pub speed: f64,
+    /// The wall-clock instant engine time 0 stands for (`None`: the engine's start). Engines
+    /// of one fleet share it, so their times compare, across restarts too.
+    pub epoch: Option<Instant>,
 }
 
 impl Default for SimConfig {
@@ -92,6 +95,7 @@ impl Default for SimConfig {
             sched: SchedConfig::default(),
             cost: CostModel::default(),
             speed: 1.0,
+            epoch: None,
         }
     }
 }
@@ -206,7 +210,7 @@ impl EngineHandle {
                 shutdown: false,
             }),
             wake: Condvar::new(),
-            started: Instant::now(),
+            started: cfg.epoch.unwrap_or_else(Instant::now),
             speed: cfg.speed,
             max_model_len,
             block_size: cfg.engine.block_size,
@@ -251,6 +255,26 @@ impl EngineHandle {
         drop(st);
         self.shared.wake.notify_all();
         Ok(rx)
+    }
+
+    /// Its prefix-cache hit and time to first token if a request for `prompt` arrived now
+    /// and nothing else did ([`crate::predict::first_token`] on a copy of the scheduler taken
+    /// under the lock and run outside it); `None` when it would be refused or no token comes
+    /// within the horizon.
+    pub fn predict(
+        &self,
+        prompt: &[u32],
+        lora: Option<&Lora>,
+        horizon: crate::predict::Horizon,
+    ) -> Option<crate::predict::Prediction> {
+        let (copy, now) = {
+            let st = self.shared.state.lock();
+            if st.shutdown {
+                return None;
+            }
+            (st.sched.clone(), self.shared.engine_now())
+        };
+        crate::predict::first_token(&copy, prompt, lora, now, horizon)
     }
 
     /// A snapshot of the engine's `/metrics` values.

@@ -156,7 +156,7 @@ impl Request {
 }
 
 /// The block pool.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BlockPool {
     block_size: usize,
     algo: HashAlgo,

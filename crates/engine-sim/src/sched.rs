@@ -187,7 +187,7 @@ pub struct EngineMetrics {
     pub requests_finished: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     req: Request,
     max_tokens: usize,
@@ -200,7 +200,7 @@ struct Entry {
 }
 
 /// The scheduler of one engine.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scheduler {
     cfg: SchedConfig,
     cost: CostModel,

@@ -16,6 +16,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Queues the request; its events arrive on the returned bounded receiver. Dropping the
     /// receiver aborts the request.
     fn submit(&self, req: GenerateRequest) -> Result<Receiver<TokenEvent>, SubmitError>;
+    /// [`Backend::submit`] by a backend that routes: also names the pod that serves the
+    /// request, which the HTTP layer returns in the [`super::POD_HEADER`] header.
+    fn submit_routed(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<(Receiver<TokenEvent>, Option<String>), SubmitError> {
+        self.submit(req).map(|rx| (rx, None))
+    }
     fn stats(&self) -> EngineMetrics;
     /// vLLM refuses (false) while requests hold blocks.
     fn reset_prefix_cache(&self) -> bool;

@@ -10,7 +10,8 @@
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or SSE), `GET /v1/models`,
 //! `GET /health`, `GET /version`, `POST /tokenize`, `POST /detokenize`,
 //! `POST /reset_prefix_cache`, `GET /metrics`. A client that goes away mid-stream drops the
-//! stream and with it the event receiver, which aborts the request in the engine.
+//! stream and with it the event receiver, which aborts the request in the engine. A backend
+//! that routes ([`Backend::submit_routed`]) names the pod it chose in [`POD_HEADER`].
 
 mod backend;
 mod instant;
@@ -38,6 +39,10 @@ pub use protocol::ApiError;
 use crate::pool::Lora;
 use crate::tokenizer::{detokenize_json, tokenize_json, Tokenizer, FIRST_WORD_ID};
 use protocol::Head;
+
+/// The response header naming the pod a routing backend chose ([`Backend::submit_routed`]), as
+/// `kvsync serve` names it.
+pub const POD_HEADER: &str = "x-kvsync-pod";
 
 /// What the HTTP layer serves, besides the backend.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
@@ -45,9 +45,9 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, body: &[u8]) -> Result<Resp
     let head = app.head(prefix, model);
     let prompt_len = p.prompt.len();
     let arrival = app.backend.now();
-    let rx = app
+    let (rx, pod) = app
         .backend
-        .submit(GenerateRequest {
+        .submit_routed(GenerateRequest {
             request_id: head.id.clone(),
             prompt: p.prompt,
             max_tokens,
@@ -68,11 +68,15 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, body: &[u8]) -> Result<Resp
         completion_tokens: 0,
         text: String::new(),
     };
-    if p.stream {
-        Ok(reply.stream(p.include_usage, p.continuous_usage))
+    let mut response = if p.stream {
+        reply.stream(p.include_usage, p.continuous_usage)
     } else {
-        reply.collect().await.map(|v| Json(v).into_response())
+        reply.collect().await.map(|v| Json(v).into_response())?
+    };
+    if let Some(value) = pod.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        response.headers_mut().insert(super::POD_HEADER, value);
     }
+    Ok(response)
 }
 
 /// One request's answer in the making.

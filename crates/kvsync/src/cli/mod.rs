@@ -113,6 +113,10 @@ enum Command {
     /// Send an OpenAI-compatible load (streamed, prefix-heavy) to --url and print TTFT,
     /// inter-token latency, throughput, prefix hit and the busiest pod's share.
     Bench(kvsync_demo::bench::BenchArgs),
+    /// Serve a fleet of simulated vLLM engines (OpenAI API and /metrics per engine, KV events,
+    /// a pod file for `serve --pods`, an oracle router); one JSON line per engine, then
+    /// `ready`; runs until SIGINT or SIGTERM.
+    Sim(engine_sim::fleet::SimArgs),
     /// Print the configuration the AIBRIX_* variables give, and any warning; exit non-zero
     /// when a value is invalid.
     Config,
@@ -265,6 +269,24 @@ pub fn main() -> Result<()> {
             for s in &summaries {
                 println!("{}", s.line());
             }
+            Ok(())
+        }
+        Command::Sim(args) => {
+            // Logs on stderr: stdout carries the engines' JSON lines.
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(async {
+                let stop = shutdown_signal();
+                engine_sim::fleet::run(args, stop).await
+            })?;
             Ok(())
         }
         Command::Tap {
