@@ -38,6 +38,8 @@ pub struct Options {
     pub routed_ttl: Duration,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// The proxy and the choice: policy, weights, timeouts, cool-down, scrape interval.
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             approx_block_size: 16,
             routed_ttl: Duration::from_secs(2),
             body_timeout: http::BODY_TIMEOUT,
+            proxy: crate::proxy::ProxyConfig::default(),
         }
     }
 }
@@ -108,7 +111,11 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             (source::kubernetes(client, &opts.namespaces), n)
         }
     };
-    let metrics = Metrics::new(index.clone(), manager.stats(), manager.workers());
+    let mut metrics = Metrics::new(index.clone(), manager.stats(), manager.workers());
+    let proxy = Arc::new(crate::proxy::Proxy::new(
+        opts.proxy.clone(),
+        &mut metrics.registry,
+    ));
     let state = Arc::new(AppState {
         index: index.clone(),
         pods: manager.pods(),
@@ -133,6 +140,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         ),
         ready: manager.ready(),
         selected: parking_lot::Mutex::default(),
+        proxy: proxy.clone(),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -142,6 +150,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let stop = CancellationToken::new();
     let tracker = manager.tracker();
     let mut ready = manager.ready();
+    let scraper = proxy.spawn_scraper(manager.pods(), stop.clone());
     let manager_task = tokio::spawn(manager.run(events, scopes, stop.clone()));
     tokio::spawn(async move {
         if ready.wait_for(|r| *r).await.is_ok() {
@@ -157,6 +166,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let task = tokio::spawn(async move {
         let served = server.await.context("HTTP server");
         manager_task.await.context("manager task")?;
+        scraper.await.context("load scraper")?;
         if let Some(hub) = hub {
             if let Ok(h) = Arc::try_unwrap(hub) {
                 h.shutdown();
