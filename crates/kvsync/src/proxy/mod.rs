@@ -13,7 +13,7 @@
 //!
 //! - this module: [`Proxy`] (config, client, load table, metrics), the handlers;
 //! - [`upstream`]: the client and one forwarding attempt; [`relay`]: the answer's body;
-//! - [`metrics`]: `kvsync_proxy_*`.
+//! - [`metrics`]: the `kvsync_proxy_*` metrics.
 //!
 //! Errors kvsync answers itself use vLLM's shape (`{"error": {"message", "type", "param",
 //! "code"}}`, `vllm/entrypoints/openai/protocol.py`'s `ErrorResponse`), so SDKs raise their

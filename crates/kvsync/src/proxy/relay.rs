@@ -178,8 +178,17 @@ impl Body for Relay {
                         .ttft_seconds
                         .observe(this.sent.elapsed().as_secs_f64());
                 }
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                if this.upstream.is_end_stream() {
+                    // The last frame of a body of known length: hyper may not poll again.
+                    this.end(if this.ok_status {
+                        Outcome::Ok
+                    } else {
+                        Outcome::Status
+                    });
+                } else {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => this.broken(Outcome::UpstreamError, error_chain(&e)),
@@ -206,11 +215,7 @@ impl Body for Relay {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.ended {
-            SizeHint::with_exact(0)
-        } else {
-            self.upstream.size_hint()
-        }
+        self.upstream.size_hint()
     }
 }
 
