@@ -94,6 +94,8 @@ struct HttpEngine {
     port: u16,
     /// The KV event ports (of an evented engine).
     kv_ports: Option<(u16, Option<u16>)>,
+    /// Its pod's data-parallel size.
+    dp_size: u32,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -121,6 +123,7 @@ impl HttpEngine {
             name: name.to_owned(),
             port,
             kv_ports: None,
+            dp_size: 1,
             rt: Some(rt),
         }
     }
@@ -158,11 +161,13 @@ impl HttpEngine {
     }
 
     fn yaml(&self) -> String {
-        let (pub_port, replay) = self.kv_ports.unwrap_or((free_port(), None));
+        // Without events: a fixed port nothing publishes on (no replay), so the pod stays the
+        // same incarnation when the file is rewritten.
+        let (pub_port, replay) = self.kv_ports.unwrap_or((1, None));
         let replay = replay.map_or("none".to_owned(), |p| p.to_string());
         format!(
-            "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: sim\n    uid: {}-uid\n    labels:\n      model.aibrix.ai/kv-events-enabled: \"true\"\n      model.aibrix.ai/name: {MODEL}\n    annotations:\n      model.aibrix.ai/port: \"{}\"\n      model.aibrix.ai/kv-events-port: \"{pub_port}\"\n      model.aibrix.ai/kv-events-replay-port: \"{replay}\"\n  status:\n    phase: Running\n    podIP: 127.0.0.1\n    conditions:\n    - type: Ready\n      status: \"True\"\n",
-            self.name, self.name, self.port
+            "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: sim\n    uid: {}-uid\n    labels:\n      model.aibrix.ai/kv-events-enabled: \"true\"\n      model.aibrix.ai/name: {MODEL}\n    annotations:\n      model.aibrix.ai/port: \"{}\"\n      model.aibrix.ai/kv-events-port: \"{pub_port}\"\n      model.aibrix.ai/kv-events-replay-port: \"{replay}\"\n      model.aibrix.ai/data-parallel-size: \"{}\"\n  status:\n    phase: Running\n    podIP: 127.0.0.1\n    conditions:\n    - type: Ready\n      status: \"True\"\n",
+            self.name, self.name, self.port, self.dp_size
         )
     }
 }
@@ -173,16 +178,12 @@ impl Drop for HttpEngine {
     }
 }
 
-/// A loopback port nothing listens on (bound, then let go).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
-/// An engine whose every completion fails with a 500 in vLLM's error shape.
-fn failing_engine(name: &str) -> HttpEngine {
+/// An engine answering every completion with `answer` (an axum handler's output).
+fn scripted_engine<H, T>(name: &str, answer: H) -> HttpEngine
+where
+    H: axum::handler::Handler<T, ()> + Clone + Send + Sync + 'static,
+    T: 'static,
+{
     use axum::routing::post;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -193,15 +194,9 @@ fn failing_engine(name: &str) -> HttpEngine {
         .build()
         .expect("runtime");
     rt.spawn(async move {
-        let fail = || async {
-            (
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                axum::Json(json!({"error": {"message": "engine core died", "type": "InternalServerError", "param": null, "code": 500}})),
-            )
-        };
         let app = axum::Router::new()
-            .route("/v1/chat/completions", post(fail))
-            .route("/v1/completions", post(fail));
+            .route("/v1/chat/completions", post(answer.clone()))
+            .route("/v1/completions", post(answer));
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         let _ = axum::serve(listener, app).await;
     });
@@ -209,6 +204,7 @@ fn failing_engine(name: &str) -> HttpEngine {
         name: name.to_owned(),
         port,
         kv_ports: None,
+        dp_size: 1,
         rt: Some(rt),
     }
 }
@@ -674,7 +670,13 @@ async fn an_engine_dying_mid_stream_or_a_client_leaving_lose_nothing_and_leak_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_before_the_first_byte_is_retried_and_a_silent_stream_times_out() {
     let tok = TokenizerServer::start().await.expect("tokenizer");
-    let a = failing_engine("a-500");
+    let a = scripted_engine("a-500", || async {
+        (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": {"message": "engine core died",
+                "type": "InternalServerError", "param": null, "code": 500}})),
+        )
+    });
     let b = HttpEngine::start(
         "b-ok",
         Arc::new(InstantBackend::new(InstantConfig {
@@ -740,10 +742,218 @@ async fn a_5xx_before_the_first_byte_is_retried_and_a_silent_stream_times_out() 
         .await,
         1.0
     );
-    // Turn 3: a again, its 500 retried on b; the error body of a last pod passes through when
-    // there is no other: here b answers.
+    // Turn 3: a again, its 500 retried on b.
     let (status, _, _) = k.json("POST", "/v1/completions", body(false)).await;
     assert_eq!(status, 200);
+    k.await_idle().await;
+
+    // c leaves the pod file: its per-pod series leave /metrics with it.
+    let c_label = format!("pod=\"{}\"", c.pod());
+    assert!(k.metrics().await.contains(&c_label));
+    let items: String = [&a, &b].iter().map(|e| e.yaml()).collect();
+    std::fs::write(
+        k.dir.join("pods.yaml"),
+        format!("apiVersion: v1\nkind: List\nitems:\n{items}"),
+    )
+    .expect("pod file");
+    k.await_until("c's series gone", |k| {
+        let c_label = c_label.clone();
+        async move { !k.metrics().await.contains(&c_label) }
+    })
+    .await;
+    k.stop().await;
+    tok.stop().await;
+}
+
+/// An evented engine with a clock: one prefill at a time, each taking `per_token` per uncached
+/// prompt token (decode is free), so requests queue on a busy engine as they do on vLLM.
+struct QueuedBackend {
+    engine: Arc<Engine>,
+    prefill: Arc<tokio::sync::Mutex<()>>,
+    per_token: Duration,
+    started: Instant,
+}
+
+impl Backend for QueuedBackend {
+    fn submit(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<tokio::sync::mpsc::Receiver<TokenEvent>, SubmitError> {
+        let admitted = self
+            .engine
+            .begin(&req.prompt, req.lora.clone())
+            .map_err(|_| SubmitError::Overloaded)?;
+        let (prompt_tokens, cached_tokens) = (admitted.prompt_tokens(), admitted.hit_tokens());
+        let (tx, rx) = tokio::sync::mpsc::channel(req.max_tokens + 2);
+        let (engine, prefill, started) = (self.engine.clone(), self.prefill.clone(), self.started);
+        let busy = self.per_token * (prompt_tokens - cached_tokens) as u32;
+        tokio::spawn(async move {
+            {
+                let _one_at_a_time = prefill.lock().await;
+                tokio::time::sleep(busy).await;
+            }
+            let served = engine.finish(admitted, req.max_tokens);
+            let t = started.elapsed().as_secs_f64();
+            let _ = tx.send(TokenEvent::Scheduled { t, cached_tokens }).await;
+            for &id in &served.output {
+                let _ = tx.send(TokenEvent::Token { t, id }).await;
+            }
+            let _ = tx
+                .send(TokenEvent::Finished {
+                    t,
+                    reason: FinishReason::Length,
+                    prompt_tokens,
+                    cached_tokens,
+                    completion_tokens: served.output.len(),
+                })
+                .await;
+        });
+        Ok(rx)
+    }
+
+    fn stats(&self) -> EngineMetrics {
+        EngineMetrics::default()
+    }
+
+    fn reset_prefix_cache(&self) -> bool {
+        self.engine.reset_prefix_cache()
+    }
+
+    fn max_model_len(&self) -> usize {
+        32_768
+    }
+
+    fn block_size(&self) -> usize {
+        BLOCK_SIZE
+    }
+
+    fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+}
+
+/// 64 concurrent requests sharing one 1024-token system prompt, over 4 queueing engines:
+/// per engine the requests it served, and the fraction of prompt tokens found cached.
+async fn burst(policy: Policy, tok: SocketAddr) -> (Vec<usize>, f64) {
+    let engines: Vec<HttpEngine> = (0..4)
+        .map(|i| {
+            let engine = Engine::start(EngineConfig {
+                num_blocks: 4096,
+                block_size: BLOCK_SIZE,
+                vocab: VOCAB,
+                seed: i,
+                ..EngineConfig::default()
+            })
+            .expect("engine");
+            let kv = (engine.pub_port(), engine.replay_port());
+            let mut e = HttpEngine::start(
+                &format!("q{i}"),
+                Arc::new(QueuedBackend {
+                    engine: Arc::new(engine),
+                    prefill: Arc::default(),
+                    per_token: Duration::from_micros(100),
+                    started: Instant::now(),
+                }),
+            );
+            e.kv_ports = Some(kv);
+            e
+        })
+        .collect();
+    let refs: Vec<&HttpEngine> = engines.iter().collect();
+    let k = Kvsync::start(policy.name(), &refs, true, tok, proxy_config(policy)).await;
+    let system: Vec<u32> = (0..1024).map(|i| 2000 + i).collect();
+    let calls = (0..64u32).map(|r| {
+        let mut prompt = system.clone();
+        prompt.extend((0..32).map(|i| 10_000 + r * 32 + i));
+        let k = &k;
+        async move {
+            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2});
+            let (status, pod, v) = k.json("POST", "/v1/completions", body).await;
+            assert_eq!(status, 200, "{v}");
+            let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .expect("cached_tokens");
+            (pod.expect("x-kvsync-pod"), cached)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut served = vec![0; engines.len()];
+    for (pod, _) in &answers {
+        let i = engines
+            .iter()
+            .position(|e| e.pod() == *pod)
+            .expect("a known pod");
+        served[i] += 1;
+    }
+    let cached: u64 = answers.iter().map(|(_, c)| c).sum();
+    k.await_idle().await;
+    k.stop().await;
+    (served, cached as f64 / (64.0 * 1056.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_sharing_a_system_prompt_spreads_over_pods_and_keeps_its_hits() {
+    let tok = TokenizerServer::start().await.expect("tokenizer");
+    let (kv_served, kv_hit) = burst(Policy::KvAware, tok.addr).await;
+    let (prefix_served, prefix_hit) = burst(Policy::Prefix, tok.addr).await;
+    println!(
+        "kv-aware: served {kv_served:?}, hit {kv_hit:.3}; prefix: served {prefix_served:?}, hit {prefix_hit:.3}"
+    );
+    assert!(
+        kv_served.iter().all(|&n| n <= 2 * 64 / 4),
+        "kv-aware: no engine over twice its fair share: {kv_served:?}"
+    );
+    assert!(
+        kv_hit >= 0.9 * prefix_hit,
+        "kv-aware hit {kv_hit:.3} within 10 % of prefix's {prefix_hit:.3}"
+    );
+    assert!(
+        prefix_served.iter().any(|&n| n > 2 * 64 / 4),
+        "prefix alone piles the burst on its pod: {prefix_served:?}"
+    );
+    tok.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_parallel_pod_is_sent_the_chosen_rank() {
+    let tok = TokenizerServer::start().await.expect("tokenizer");
+    // The engine answers with the rank header it was sent.
+    let mut e = scripted_engine("dp", |headers: axum::http::HeaderMap| async move {
+        let rank = headers
+            .get("x-data-parallel-rank")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        axum::Json(json!({ "rank": rank }))
+    });
+    e.dp_size = 2;
+    let k = Kvsync::start(
+        "dp",
+        &[&e],
+        false,
+        tok.addr,
+        proxy_config(Policy::RoundRobin),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let resp = k
+            .call(
+                "POST",
+                "/v1/completions",
+                json!({"model": MODEL, "prompt": [1, 2], "max_tokens": 1}),
+            )
+            .await;
+        let header = resp.headers()["x-kvsync-dp-rank"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(v["rank"].as_str(), Some(header.as_str()), "{v}");
+        seen.push(header);
+    }
+    seen.sort();
+    assert_eq!(seen, ["0", "1"]);
     k.await_idle().await;
     k.stop().await;
     tok.stop().await;
