@@ -323,7 +323,9 @@ async fn forward(s: &AppState, endpoint: Endpoint, headers: HeaderMap, body: Bod
         lora_pods,
         &tokens,
         |list, _, _| {
+            // The best, and the next for a retry (pods in cool-down are already last).
             list.iter()
+                .take(MAX_ATTEMPTS)
                 .map(|c| Pick {
                     pod: c.worker.pod.to_owned(),
                     base_url: format!(
