@@ -155,7 +155,7 @@ pub fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) 
 #[derive(Debug, serde::Deserialize)]
 struct OpenAiRequest {
     model: Option<String>,
-    prompt: Option<Value>,
+    prompt: Option<PromptField>,
     messages: Option<Value>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
@@ -197,10 +197,98 @@ enum Prompt<'a> {
     None,
 }
 
-fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
-    v.iter()
-        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-        .collect()
+/// A completion's `prompt` as read: a string, or token ids; of a batch (a list of strings or
+/// of id lists) the first element. Read without building JSON values: 8k token ids as
+/// `serde_json::Value`s cost more than everything else the proxy does.
+#[derive(Debug, PartialEq)]
+enum PromptField {
+    Text(String),
+    Ids(Vec<u32>),
+    /// An empty list.
+    Empty,
+}
+
+/// One element of a prompt list.
+enum Element {
+    Id(u32),
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl<'de> serde::Deserialize<'de> for Element {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Element;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token id, a string or a list of token ids")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Element, E> {
+                u32::try_from(v)
+                    .map(Element::Id)
+                    .map_err(|_| E::custom("a token id over u32"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Element, E> {
+                Ok(Element::Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Element, E> {
+                Ok(Element::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Element, A::Error> {
+                let mut ids = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(t) = seq.next_element::<u32>()? {
+                    ids.push(t);
+                }
+                Ok(Element::Ids(ids))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PromptField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PromptField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or token ids")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PromptField, E> {
+                Ok(PromptField::Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<PromptField, E> {
+                Ok(PromptField::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<PromptField, A::Error> {
+                let skip_rest = |mut seq: A| -> Result<(), A::Error> {
+                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                    Ok(())
+                };
+                match seq.next_element::<Element>()? {
+                    None => Ok(PromptField::Empty),
+                    Some(Element::Id(t)) => {
+                        let mut ids =
+                            Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20) + 1);
+                        ids.push(t);
+                        while let Some(t) = seq.next_element::<u32>()? {
+                            ids.push(t);
+                        }
+                        Ok(PromptField::Ids(ids))
+                    }
+                    Some(Element::Text(t)) => skip_rest(seq).map(|()| PromptField::Text(t)),
+                    Some(Element::Ids(ids)) => skip_rest(seq).map(|()| PromptField::Ids(ids)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The prompt to match: a completion's `prompt` (a string, token ids, or a batch of either:
@@ -217,30 +305,16 @@ fn prompt_of(req: &OpenAiRequest, endpoint: Endpoint) -> Result<Prompt<'_>, Stri
             }
             _ => Err("`messages` must be a non-empty array".to_owned()),
         },
-        Endpoint::Completions => {
-            let special = req.add_special_tokens.unwrap_or(true);
-            let text = |p| {
-                Prompt::Text(Text::Prompt {
-                    prompt: p,
-                    add_special_tokens: special,
-                })
-            };
-            match &req.prompt {
-                Some(Value::String(p)) if p.is_empty() => Ok(Prompt::None),
-                Some(Value::String(p)) => Ok(text(p.as_str())),
-                Some(Value::Array(a)) => match a.first() {
-                    None => Err("`prompt` must not be empty".to_owned()),
-                    Some(Value::String(p)) => Ok(text(p.as_str())),
-                    Some(Value::Array(first)) => token_ids(first)
-                        .map(Prompt::Tokens)
-                        .ok_or_else(|| "`prompt` must hold token ids".to_owned()),
-                    Some(_) => token_ids(a)
-                        .map(Prompt::Tokens)
-                        .ok_or_else(|| "`prompt` must hold token ids".to_owned()),
-                },
-                _ => Err("`prompt` (a string or token ids) is required".to_owned()),
-            }
-        }
+        Endpoint::Completions => match &req.prompt {
+            Some(PromptField::Text(p)) if p.is_empty() => Ok(Prompt::None),
+            Some(PromptField::Text(p)) => Ok(Prompt::Text(Text::Prompt {
+                prompt: p,
+                add_special_tokens: req.add_special_tokens.unwrap_or(true),
+            })),
+            Some(PromptField::Ids(ids)) if !ids.is_empty() => Ok(Prompt::Tokens(ids.clone())),
+            Some(_) => Err("`prompt` must not be empty".to_owned()),
+            None => Err("`prompt` (a string or token ids) is required".to_owned()),
+        },
     }
 }
 
@@ -534,9 +608,22 @@ mod tests {
             prompt_of(&r, Endpoint::Completions),
             Ok(Prompt::Text(Text::Prompt { prompt: "a b", .. }))
         ));
-        for bad in [json!([]), json!([-1]), json!(3), json!(null)] {
-            let r = req(json!({"model": "m", "prompt": bad}));
-            assert!(prompt_of(&r, Endpoint::Completions).is_err(), "{bad}");
+        // Refused when read, or when asked for.
+        for bad in [
+            json!([]),
+            json!([-1]),
+            json!([1, "a"]),
+            json!([4294967296u64]),
+            json!(3),
+            json!(null),
+            json!({"a": 1}),
+        ] {
+            let parsed =
+                serde_json::from_value::<OpenAiRequest>(json!({"model": "m", "prompt": bad}));
+            assert!(
+                parsed.map_or(true, |r| prompt_of(&r, Endpoint::Completions).is_err()),
+                "{bad}"
+            );
         }
         let r = req(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}));
         assert!(matches!(
