@@ -318,6 +318,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
                         replay_port: Some(5558),
                         dp_size: 1,
                         topic: String::new(),
+                        http_port: 8000,
                     }),
                 },
                 subscribed: true,
@@ -326,7 +327,11 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
     }
     let stats = index.stats();
     let workers = WorkerTable::default();
-    let metrics = Metrics::new(index.clone(), Arc::default(), workers.clone());
+    let mut metrics = Metrics::new(index.clone(), Arc::default(), workers.clone());
+    let proxy = Arc::new(kvsync::proxy::Proxy::new(
+        kvsync::proxy::ProxyConfig::default(),
+        &mut metrics.registry,
+    ));
     let (_tx, ready) = tokio::sync::watch::channel(true);
     let state = Arc::new(AppState {
         index: index.clone(),
@@ -342,6 +347,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         recent: kvsync::route::approx::Approx::new(Duration::from_secs(2), BS, 1 << 22),
         ready,
         selected: parking_lot::Mutex::default(),
+        proxy,
     });
     let own7: Vec<u32> = shared[..1024]
         .iter()

@@ -38,6 +38,8 @@ pub struct Options {
     pub routed_ttl: Duration,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// The proxy and the choice: policy, weights, timeouts, cool-down, scrape interval.
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             approx_block_size: 16,
             routed_ttl: Duration::from_secs(2),
             body_timeout: http::BODY_TIMEOUT,
+            proxy: crate::proxy::ProxyConfig::default(),
         }
     }
 }
@@ -122,7 +125,11 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             (source::kubernetes(client, &opts.namespaces), n)
         }
     };
-    let metrics = Metrics::new(index.clone(), manager.stats(), manager.workers());
+    let mut metrics = Metrics::new(index.clone(), manager.stats(), manager.workers());
+    let proxy = Arc::new(crate::proxy::Proxy::new(
+        opts.proxy.clone(),
+        &mut metrics.registry,
+    ));
     let state = Arc::new(AppState {
         index: index.clone(),
         pods: manager.pods(),
@@ -147,6 +154,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         ),
         ready: manager.ready(),
         selected: parking_lot::Mutex::default(),
+        proxy: proxy.clone(),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -156,6 +164,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let stop = CancellationToken::new();
     let tracker = manager.tracker();
     let mut ready = manager.ready();
+    let scraper = proxy.scraper(manager.pods(), stop.clone());
     let ready_log = {
         let stop = stop.clone();
         async move {
@@ -177,10 +186,11 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     // The server, the manager and the readiness log run in this one task and end with it.
     let running_index = index.clone();
     let task = tokio::spawn(async move {
-        let (served, (), ()) = tokio::join!(
+        let (served, (), (), ()) = tokio::join!(
             std::future::IntoFuture::into_future(server),
             manager,
-            ready_log
+            ready_log,
+            scraper
         );
         let served = served.context("HTTP server");
         if let Some(hub) = hub {

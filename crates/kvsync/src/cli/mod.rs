@@ -64,6 +64,8 @@ enum Command {
         /// announce it (0: rank by announced blocks only).
         #[arg(long, env = "KVSYNC_ROUTED_TTL_MS", default_value_t = 2000)]
         routed_ttl_ms: u64,
+        #[command(flatten)]
+        proxy: ProxyFlags,
     },
     /// Start a fleet of simulated vLLM engines and `kvsync serve` on them, send a load of
     /// multi-turn conversations routed by each policy in turn, and print the engines' real
@@ -146,6 +148,89 @@ enum Command {
     },
 }
 
+/// `serve`'s flags of the proxy and of the choice (`--policy` and its weights).
+#[derive(clap::Args)]
+struct ProxyFlags {
+    /// How a pod is chosen: kv-aware (cached prefix weighed against load: the lowest estimated
+    /// time to first token), prefix (longest cached prefix), least-load, round-robin, random.
+    #[arg(long, env = "KVSYNC_POLICY", default_value = "kv-aware")]
+    policy: crate::route::cost::Policy,
+    /// kv-aware: microseconds to prefill one uncached prompt token.
+    #[arg(long, env = "KVSYNC_PREFILL_US_PER_TOKEN", default_value_t = 50.0)]
+    prefill_us_per_token: f64,
+    /// kv-aware: milliseconds one waiting request (scraped, beyond this replica's) adds.
+    #[arg(long, env = "KVSYNC_WAITING_REQUEST_MS", default_value_t = 50.0)]
+    waiting_request_ms: f64,
+    /// kv-aware: milliseconds one running request adds.
+    #[arg(long, env = "KVSYNC_RUNNING_REQUEST_MS", default_value_t = 2.0)]
+    running_request_ms: f64,
+    /// kv-aware: milliseconds added at a full KV cache (linear in its usage).
+    #[arg(long, env = "KVSYNC_KV_USAGE_MS", default_value_t = 0.0)]
+    kv_usage_ms: f64,
+    /// kv-aware: softmax temperature over the estimates (0: always the lowest).
+    #[arg(long, env = "KVSYNC_ROUTER_TEMPERATURE", default_value_t = 0.0)]
+    router_temperature: f64,
+    /// Timeout of a connection to an engine, in milliseconds.
+    #[arg(long, env = "KVSYNC_CONNECT_TIMEOUT_MS", default_value_t = 2000)]
+    connect_timeout_ms: u64,
+    /// Longest wait for an engine's response head, in seconds (then 504, not retried).
+    #[arg(long, env = "KVSYNC_FIRST_BYTE_TIMEOUT_S", default_value_t = 600)]
+    first_byte_timeout_s: u64,
+    /// Longest pause between two chunks of an answer, in seconds (then the stream ends with
+    /// an error event).
+    #[arg(long, env = "KVSYNC_IDLE_TIMEOUT_S", default_value_t = 300)]
+    idle_timeout_s: u64,
+    /// Milliseconds a pod failing 3 times in a row is skipped (0: never).
+    #[arg(long, env = "KVSYNC_POD_COOLDOWN_MS", default_value_t = 10_000)]
+    pod_cooldown_ms: u64,
+    /// Milliseconds between scrapes of each pod's /metrics (a reading older than 3 intervals
+    /// is ignored).
+    #[arg(long, env = "KVSYNC_SCRAPE_INTERVAL_MS", default_value_t = 1000)]
+    scrape_interval_ms: u64,
+}
+
+impl ProxyFlags {
+    fn config(&self) -> Result<crate::proxy::ProxyConfig> {
+        let weights = [
+            ("--prefill-us-per-token", self.prefill_us_per_token),
+            ("--waiting-request-ms", self.waiting_request_ms),
+            ("--running-request-ms", self.running_request_ms),
+            ("--kv-usage-ms", self.kv_usage_ms),
+            ("--router-temperature", self.router_temperature),
+        ];
+        let bad: Vec<&str> = weights
+            .iter()
+            .filter(|(_, v)| !v.is_finite() || *v < 0.0)
+            .map(|(k, _)| *k)
+            .collect();
+        if !bad.is_empty() {
+            bail!("{} must be finite and not negative", bad.join(", "));
+        }
+        if self.connect_timeout_ms == 0
+            || self.first_byte_timeout_s == 0
+            || self.idle_timeout_s == 0
+            || self.scrape_interval_ms == 0
+        {
+            bail!("--connect-timeout-ms, --first-byte-timeout-s, --idle-timeout-s and --scrape-interval-ms must be positive");
+        }
+        Ok(crate::proxy::ProxyConfig {
+            policy: self.policy,
+            weights: crate::route::cost::Weights {
+                prefill_per_token: self.prefill_us_per_token * 1e-6,
+                waiting_request: self.waiting_request_ms * 1e-3,
+                running_request: self.running_request_ms * 1e-3,
+                kv_usage: self.kv_usage_ms * 1e-3,
+                temperature: self.router_temperature,
+            },
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            first_byte_timeout: Duration::from_secs(self.first_byte_timeout_s),
+            idle_timeout: Duration::from_secs(self.idle_timeout_s),
+            cooldown: Duration::from_millis(self.pod_cooldown_ms),
+            scrape_interval: Duration::from_millis(self.scrape_interval_ms),
+        })
+    }
+}
+
 /// Parses the command line and runs the subcommand.
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -176,6 +261,7 @@ pub fn main() -> Result<()> {
             approx_ttl_s,
             approx_block_size,
             routed_ttl_ms,
+            proxy,
         } => {
             let parsed = match crate::config::from_process_env() {
                 Ok(p) => p,
@@ -200,6 +286,7 @@ pub fn main() -> Result<()> {
                 approx_block_size,
                 routed_ttl: Duration::from_millis(routed_ttl_ms),
                 body_timeout: crate::http::BODY_TIMEOUT,
+                proxy: proxy.config()?,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -32,7 +32,7 @@ pub(super) fn closing(mut r: Response) -> Response {
 /// whole body before reading (most do) gets the answer rather than a reset, and its connection
 /// stays usable; beyond that, or when the client waits for `100 Continue`, it is refused
 /// before the body is sent and the connection closed.
-pub(super) async fn read_body(
+pub(crate) async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
     timeout: Duration,

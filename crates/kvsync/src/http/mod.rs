@@ -1,5 +1,6 @@
 //! The HTTP API: `POST /v1/route`, `GET /v1/pods`, `GET /v1/models`, `/healthz`, `/readyz`,
-//! `/metrics`.
+//! `/metrics`, and the proxy's `POST /v1/chat/completions` and `/v1/completions`
+//! ([`crate::proxy`]).
 //!
 //! - this module: the shared [`AppState`], the router, the small read-only handlers;
 //! - `body`: reading a request body within its size and time limits (413 / 408);
@@ -28,7 +29,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use body::read_body;
 pub use body::{BODY_TIMEOUT, MAX_BODY, MAX_DRAIN};
+pub(crate) use route::{decide, tokenize};
 
 /// Everything the handlers read.
 #[derive(Debug)]
@@ -52,13 +55,17 @@ pub struct AppState {
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// When each worker was last selected (tie-breaking); bounded by the workers of the pods.
     pub selected: parking_lot::Mutex<hashbrown::HashMap<WorkerId, Instant>>,
+    /// The proxy: its policy and weights (also `/v1/route`'s), client, load table, metrics.
+    pub proxy: Arc<crate::proxy::Proxy>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/route", post(route::route))
         .route("/v1/pods", get(pods))
-        .route("/v1/models", get(models))
+        .route("/v1/models", get(crate::proxy::models))
+        .route("/v1/chat/completions", post(crate::proxy::chat))
+        .route("/v1/completions", post(crate::proxy::completions))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -145,23 +152,4 @@ async fn pods(State(s): State<Arc<AppState>>) -> Response {
         })
         .collect();
     Json(json!({ "pods": list })).into_response()
-}
-
-async fn models(State(s): State<Arc<AppState>>) -> Response {
-    let mut by_model: std::collections::BTreeMap<String, (u32, u32)> = Default::default();
-    for v in s.pods.read().values() {
-        if let Ok(t) = &v.info.target {
-            let e = by_model.entry(t.model.clone()).or_default();
-            e.0 += 1;
-            e.1 += t.dp_size;
-        }
-    }
-    let list: Vec<Value> = by_model
-        .into_iter()
-        .map(|(m, (pods, workers))| {
-            json!({"model": m, "pods": pods, "workers": workers,
-                   "block_size": s.index.block_size(&m, None)})
-        })
-        .collect();
-    Json(json!({ "models": list })).into_response()
 }

@@ -2,11 +2,11 @@
 //! the model's pods), the index and the recent decisions asked, the choice made by
 //! [`crate::route`], recorded, and answered.
 
-use super::answer::{PodMatch, RouteAnswer};
+use super::answer::{PodMatch, RouteAnswer, Score};
 use super::body::read_body;
 use super::request::{self, RouteRequest, TokenIds};
 use super::{error, AppState};
-use crate::route::{self as choice, Candidate, WorkerRef};
+use crate::route::{self as choice, cost, Candidate, WorkerRef};
 use crate::tokenize::{Text, Tokenizer};
 use axum::body::Body;
 use axum::extract::State;
@@ -123,11 +123,19 @@ pub(super) async fn route(
             };
             match tokenize(&s, model, &pod_ip, text).await {
                 Ok(t) => t,
-                Err(r) => return r,
+                Err((status, msg)) => return error(status, msg),
             }
         }
     };
-    let answer = decide(&s, model, lora, &tokens);
+    let answer = decide(
+        &s,
+        model,
+        lora,
+        false,
+        &tokens,
+        |list, block_size, num_blocks| answer(&s, model, lora, list, block_size, num_blocks),
+    )
+    .unwrap_or_else(|| unknown_model(model));
     s.metrics
         .api
         .route_seconds
@@ -135,8 +143,19 @@ pub(super) async fn route(
     answer
 }
 
-/// Ranks every eligible worker of `model` for `tokens`, selects one and records the choice.
-fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Response {
+/// Ranks every eligible worker of `model` for `tokens` under the configured policy, selects
+/// the first, records the choice, and hands the ranked list to `then` (with the block size and
+/// the prompt's full blocks). `lora_pods`: only pods whose adapter label names `lora` (the
+/// proxy, which must reach a pod that serves the adapter); otherwise every pod of the model.
+/// `None` when no pod is eligible.
+pub(crate) fn decide<R>(
+    s: &AppState,
+    model: &str,
+    lora: Option<&str>,
+    lora_pods: bool,
+    tokens: &[u32],
+    then: impl FnOnce(&[Candidate<'_>], u32, u32) -> R,
+) -> Option<R> {
     let t0 = Instant::now();
     let known = if s.kv_sync {
         s.index.block_size(model, lora)
@@ -165,37 +184,45 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
         .observe(t0.elapsed().as_secs_f64());
     let num_blocks = (tokens.len() as u32).checked_div(block_size).unwrap_or(0);
     let pods = s.pods.read();
+    let now = Instant::now();
+    let load = &s.proxy.load;
     // Candidates: every eligible pod of the model, each rank.
     let mut list: Vec<Candidate> = pods
         .values()
         .filter_map(|v| v.info.target.as_ref().ok().map(|t| (v, t)))
-        .filter(|(_, t)| t.model == model)
+        .filter(|(_, t)| t.model == model && (!lora_pods || t.lora.as_deref() == lora))
         .flat_map(|(v, t)| {
+            let pod_load = load.view(&v.info.key, now);
             (0..t.dp_size).map(move |r| Candidate {
                 worker: WorkerRef {
                     pod: &v.info.key,
                     dp_rank: r,
                 },
                 address: &t.ip,
+                http_port: t.http_port,
+                dp_size: t.dp_size,
                 blocks: 0,
                 per_tier: [0; Tier::COUNT],
                 routed: 0,
                 last: None,
+                load: pod_load,
+                cost: Default::default(),
             })
         })
         .collect();
     if list.is_empty() {
-        return unknown_model(model);
+        return None;
     }
     choice::fill(&mut list, &lookup, &recent);
-    // Best prefix first; among equals, the least recently selected, then by name. One lock
-    // over the choice and its record, so concurrent requests rotate rather than pile up.
+    // Under the configured policy; among equals, the least recently selected, then by name.
+    // One lock over the choice and its record, so concurrent requests rotate rather than pile
+    // up.
     let chosen = {
         let mut sel = s.selected.lock();
         for c in &mut list {
             c.last = sel.get(&c.worker).copied();
         }
-        choice::order(&mut list);
+        cost::choose(&mut list, &s.proxy.ask(tokens.len() as u64, block_size));
         let best = WorkerId::new(list[0].worker.pod, list[0].worker.dp_rank);
         sel.insert(best.clone(), Instant::now());
         if sel.len() > 2 * pods.len() + 1024 {
@@ -205,14 +232,25 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
         best
     };
     s.recent.record(&chain, &chosen);
-    let chosen = &list[0];
     let decisions = &s.metrics.api.decisions;
-    match chosen.rank() {
+    match list[0].rank() {
         0 => &decisions.miss,
         b if b >= num_blocks => &decisions.full,
         _ => &decisions.partial,
     }
     .inc();
+    Some(then(&list, block_size, num_blocks))
+}
+
+/// The `/v1/route` answer of a ranked list.
+fn answer(
+    s: &AppState,
+    model: &str,
+    lora: Option<&str>,
+    list: &[Candidate<'_>],
+    block_size: u32,
+    num_blocks: u32,
+) -> Response {
     fn view<'a>(c: &Candidate<'a>, block_size: u32, kv_sync: bool) -> PodMatch<'a> {
         // Without KV sync, what was routed is all there is to match.
         let blocks = if kv_sync { c.blocks } else { c.routed };
@@ -229,6 +267,7 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
             matched_tokens: blocks * block_size,
             tier,
             routed_blocks: kv_sync.then_some(c.routed),
+            score: Some(Score::of(c)),
         }
     }
     let answer = RouteAnswer {
@@ -237,7 +276,8 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
         block_size,
         num_blocks,
         exact: s.kv_sync,
-        selected: view(chosen, block_size, s.kv_sync),
+        policy: s.proxy.cfg.policy.name(),
+        selected: view(&list[0], block_size, s.kv_sync),
         pods: list
             .iter()
             .map(|c| view(c, block_size, s.kv_sync))
@@ -250,13 +290,14 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
         .into_response()
 }
 
-/// Tokenizes with the configured tokenizer, or a ready pod of the model.
-async fn tokenize(
+/// Tokenizes with the configured tokenizer, or a ready pod of the model; an error is the
+/// status and message to answer.
+pub(crate) async fn tokenize(
     s: &AppState,
     model: &str,
     ip: &str,
     text: Text<'_>,
-) -> Result<Vec<u32>, Response> {
+) -> Result<Vec<u32>, (StatusCode, String)> {
     let pod_tokenizer;
     let t = match &s.tokenizer {
         Some(t) => t,
@@ -275,16 +316,13 @@ async fn tokenize(
     };
     match t.tokenize(model, text).await {
         Ok(tokens) if !tokens.is_empty() => Ok(tokens),
-        Ok(_) => Err(error(
+        Ok(_) => Err((
             StatusCode::BAD_REQUEST,
-            "the text tokenizes to no token",
+            "the text tokenizes to no token".to_owned(),
         )),
         Err(e) => {
             s.metrics.api.tokenizer_errors.inc();
-            Err(error(
-                StatusCode::BAD_GATEWAY,
-                format!("tokenizer failed: {e}"),
-            ))
+            Err((StatusCode::BAD_GATEWAY, format!("tokenizer failed: {e}")))
         }
     }
 }

@@ -19,9 +19,14 @@ pub const ANN_PORT: &str = "model.aibrix.ai/kv-events-port";
 pub const ANN_REPLAY_PORT: &str = "model.aibrix.ai/kv-events-replay-port";
 pub const ANN_DP_SIZE: &str = "model.aibrix.ai/data-parallel-size";
 pub const ANN_TOPIC: &str = "model.aibrix.ai/kv-events-topic";
+/// The annotation naming the port of the pod's OpenAI-compatible HTTP API (what the proxy
+/// forwards to; AIBrix's name for the engine's port).
+pub const ANN_HTTP_PORT: &str = "model.aibrix.ai/port";
 
 pub const DEFAULT_PORT: u16 = 5557;
 pub const DEFAULT_REPLAY_PORT: u16 = 5558;
+/// vLLM's default `--port`.
+pub const DEFAULT_HTTP_PORT: u16 = 8000;
 /// A sanity bound on `data-parallel-size`.
 pub const MAX_DP_SIZE: u32 = 256;
 
@@ -64,11 +69,19 @@ pub struct Target {
     pub replay_port: Option<u16>,
     pub dp_size: u32,
     pub topic: String,
+    /// The engine's HTTP API port (one for every rank: vLLM's API server picks the rank from
+    /// the `X-data-parallel-rank` header).
+    pub http_port: u16,
 }
 
 impl Target {
     pub fn endpoint(&self, rank: u32) -> String {
         format!("tcp://{}:{}", host(&self.ip), u32::from(self.port) + rank)
+    }
+
+    /// The engine's HTTP API, e.g. `http://10.0.0.7:8000`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}:{}", host(&self.ip), self.http_port)
     }
 
     pub fn replay_endpoint(&self, rank: u32) -> Option<String> {
@@ -171,6 +184,7 @@ fn target(pod: &Pod) -> Result<Target, Ineligible> {
         }
     };
     let pub_port = port(ANN_PORT, DEFAULT_PORT)?;
+    let http_port = port(ANN_HTTP_PORT, DEFAULT_HTTP_PORT)?;
     let replay_port = match annotation(ANN_REPLAY_PORT) {
         Some(v) if v.eq_ignore_ascii_case("none") => None,
         _ => Some(port(ANN_REPLAY_PORT, DEFAULT_REPLAY_PORT)?),
@@ -210,6 +224,7 @@ fn target(pod: &Pod) -> Result<Target, Ineligible> {
         replay_port,
         dp_size,
         topic: annotation(ANN_TOPIC).unwrap_or("").to_owned(),
+        http_port,
     })
 }
 
@@ -299,6 +314,8 @@ status:
             (t.model.as_str(), t.lora.as_deref(), t.dp_size),
             ("llama", None, 1)
         );
+        assert_eq!(t.http_port, DEFAULT_HTTP_PORT);
+        assert_eq!(t.base_url(), "http://10.0.0.7:8000");
     }
 
     #[test]
@@ -371,6 +388,17 @@ status:
         );
         let bad = info(&pod(&with("    model.aibrix.ai/kv-events-port: \"http\""))).target;
         assert!(matches!(bad, Err(Ineligible::BadAnnotation(_))));
+        // The HTTP API's port.
+        let http = info(&pod(&with("    model.aibrix.ai/port: \"8080\""))).target;
+        assert_eq!(
+            http.map(|t| t.base_url()),
+            Ok("http://10.0.0.7:8080".into())
+        );
+        let bad = info(&pod(&with("    model.aibrix.ai/port: \"0\""))).target;
+        assert!(
+            matches!(bad, Err(Ineligible::BadAnnotation(ref m)) if m.contains("model.aibrix.ai/port")),
+            "{bad:?}"
+        );
     }
 
     #[test]

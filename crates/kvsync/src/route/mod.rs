@@ -3,9 +3,11 @@
 //!
 //! - this module: [`Candidate`]s, filled from a lookup ([`fill`]) and ranked ([`order`]);
 //! - [`approx`]: the recent routing decisions (the approximate index without KV sync; with it,
-//!   decisions whose events have not arrived yet).
+//!   decisions whose events have not arrived yet);
+//! - [`cost`]: the load-aware choice (the `--policy`s, the time-to-first-token estimate).
 
 pub mod approx;
+pub mod cost;
 
 use prefix_index::{Lookup, Tier, WorkerId};
 use std::time::Instant;
@@ -37,6 +39,10 @@ impl hashbrown::Equivalent<WorkerId> for WorkerRef<'_> {
 pub struct Candidate<'a> {
     pub worker: WorkerRef<'a>,
     pub address: &'a str,
+    /// The pod's HTTP API port.
+    pub http_port: u16,
+    /// The pod's data-parallel size (a rank is named to the pod only when it has several).
+    pub dp_size: u32,
     /// Leading blocks the index says the worker holds.
     pub blocks: u32,
     pub per_tier: [u32; Tier::COUNT],
@@ -44,6 +50,10 @@ pub struct Candidate<'a> {
     pub routed: u32,
     /// When it was last selected.
     pub last: Option<Instant>,
+    /// Its pod's load (shared by the pod's ranks).
+    pub load: cost::LoadView,
+    /// Set by [`cost::choose`].
+    pub cost: cost::Cost,
 }
 
 impl Candidate<'_> {
