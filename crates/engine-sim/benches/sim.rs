@@ -11,11 +11,16 @@
 //! 2. How many engines one core can simulate at the default profile: engines at speed 1 under
 //!    a closed loop of 16 requests each, the process's CPU time over the wall time.
 //!
+//! 3. What one oracle prediction costs (`predict::first_token`: a copy of the scheduler run
+//!    forward to the request's first token) on an idle engine, on one decoding B requests,
+//!    and on one with B prompts queued ahead.
+//!
 //! `cargo bench -p engine-sim --bench sim` (env: `SIM_PROMPT`, `SIM_OUTPUT`, `SIM_ENGINES`,
 //! `SIM_SECONDS`).
 
 use std::time::{Duration, Instant};
 
+use engine_sim::predict::{first_token, Horizon};
 use engine_sim::{
     BlockPool, CostModel, EngineConfig, EngineHandle, GenerateRequest, HashForm, NewRequest,
     SchedConfig, Scheduler, SimConfig, TokenEvent,
@@ -172,6 +177,39 @@ async fn cpu_per_engine(engines: usize, secs: f64, len: usize, out: usize) -> Op
     Some(cpu / (wall * engines as f64))
 }
 
+/// Mean wall time of one prediction of a `len`-token prompt on `s`.
+fn prediction_cost(s: &Scheduler, len: usize) -> (f64, usize) {
+    let probe = prompt(9999, len);
+    let reps = 50;
+    let t = Instant::now();
+    let mut steps = 0;
+    for _ in 0..reps {
+        let p = first_token(s, &probe, None, s.clock(), Horizon::steps(100_000)).expect("token");
+        steps = p.steps;
+    }
+    (t.elapsed().as_secs_f64() / reps as f64, steps)
+}
+
+/// A scheduler with `batch` requests: all decoding (`queued` false) or all still waiting.
+fn loaded(batch: usize, len: usize, out: usize, queued: bool) -> Scheduler {
+    let pool = BlockPool::new(BLOCKS, 16, 0, HashForm::Int);
+    let mut s = Scheduler::new(SchedConfig::default(), CostModel::default(), pool).expect("config");
+    for k in 0..batch {
+        let r = NewRequest {
+            id: k as u64,
+            prompt: prompt(k, len),
+            max_tokens: out,
+            lora: None,
+        };
+        s.add(r, 0.0).expect("valid");
+    }
+    let mut clock = 0.0;
+    while !queued && s.metrics().num_requests_waiting > 0 {
+        clock = s.step(clock).end;
+    }
+    s
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let len = env("SIM_PROMPT", 256);
@@ -209,5 +247,15 @@ async fn main() {
             1.0 / c
         ),
         None => println!("CPU time unavailable (no /proc/self/stat)"),
+    }
+    println!("oracle prediction of a {len}-token prompt (a copy of the scheduler run to its first token):");
+    for (what, s) in [
+        ("idle engine", loaded(0, len, out, false)),
+        ("16 decoding", loaded(16, len, out, false)),
+        ("64 decoding", loaded(64, len, out, false)),
+        ("64 queued", loaded(64, len, out, true)),
+    ] {
+        let (secs, steps) = prediction_cost(&s, len);
+        println!("  {what}: {:.0} us ({steps} steps)", secs * 1e6);
     }
 }

@@ -29,7 +29,7 @@ use kv_events::WireFormat;
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
-pub use cli::{run, SimArgs};
+pub use cli::{run, ArgsError, RunError, SimArgs};
 pub use oracle::MAX_STEPS;
 pub use server::HttpServer;
 
