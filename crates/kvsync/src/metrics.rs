@@ -24,6 +24,8 @@ pub struct ApiMetrics {
     /// `kvsync_route_decisions_total`, created once: no label allocation per request).
     pub decisions: Decisions,
     pub tokenizer_errors: Counter,
+    /// The HTTP server's connections.
+    pub server: crate::http::server::ServerMetrics,
 }
 
 /// Route decisions by bucket.
@@ -64,6 +66,7 @@ impl Metrics {
             ]),
             decisions,
             tokenizer_errors: Counter::default(),
+            server: Default::default(),
         };
         registry.register(
             "lookup_seconds",
@@ -84,6 +87,16 @@ impl Metrics {
             "tokenizer_errors",
             "Remote tokenizer failures (answered 502)",
             api.tokenizer_errors.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections open",
+            api.server.connections.clone(),
+        );
+        registry.register(
+            "http_header_timeouts",
+            "HTTP connections closed for not sending a whole request head within the header timeout (slow or idle clients)",
+            api.server.header_timeouts.clone(),
         );
         registry.register(
             "event_apply_lag_seconds",

@@ -38,6 +38,8 @@ pub struct Options {
     pub routed_ttl: Duration,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Connection limits of the HTTP server.
+    pub http: http::server::Limits,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             approx_block_size: 16,
             routed_ttl: Duration::from_secs(2),
             body_timeout: http::BODY_TIMEOUT,
+            http: http::server::Limits::default(),
         }
     }
 }
@@ -134,9 +137,8 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         ready: manager.ready(),
         selected: parking_lot::Mutex::default(),
     });
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("listening on {}", opts.listen))?;
+    let listener =
+        http::server::bind(opts.listen).with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr().context("local address")?;
     tracing::info!(%addr, "API listening");
     let stop = CancellationToken::new();
@@ -148,14 +150,15 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             tracing::info!("ready: the first pod list is applied");
         }
     });
-    // Responses go out at once (no Nagle delay behind a small write).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let server = http::server::serve(
+        listener,
+        http::router(state.clone()),
+        opts.http,
+        state.metrics.api.server.clone(),
+        stop.clone(),
+    );
     let task = tokio::spawn(async move {
-        let served = server.await.context("HTTP server");
+        server.await;
         manager_task.await.context("manager task")?;
         if let Some(hub) = hub {
             if let Ok(h) = Arc::try_unwrap(hub) {
@@ -164,7 +167,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         }
         let s = index.stats();
         tracing::info!(blocks = s.blocks, workers = s.workers, "stopped");
-        served
+        Ok(())
     });
     Ok(Running {
         addr,

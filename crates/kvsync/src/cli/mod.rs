@@ -64,6 +64,19 @@ enum Command {
         /// announce it (0: rank by announced blocks only).
         #[arg(long, env = "KVSYNC_ROUTED_TTL_MS", default_value_t = 2000)]
         routed_ttl_ms: u64,
+        /// Most HTTP connections open at once; more wait in the accept backlog.
+        #[arg(long, env = "KVSYNC_HTTP_MAX_CONNECTIONS", default_value_t = 4096,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        http_max_connections: u32,
+        /// Milliseconds a connection may take to send a whole request head, from its opening or
+        /// its previous answer (so also the keep-alive idle timeout); then it is closed.
+        #[arg(long, env = "KVSYNC_HTTP_HEADER_TIMEOUT_MS", default_value_t = 30_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        http_header_timeout_ms: u64,
+        /// Most requests answered on one connection (the last answer says `connection: close`).
+        #[arg(long, env = "KVSYNC_HTTP_MAX_REQUESTS_PER_CONNECTION", default_value_t = 10_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        http_max_requests_per_connection: u64,
     },
     /// Start a fleet of simulated vLLM engines and `kvsync serve` on them, send a load of
     /// multi-turn conversations routed by each policy in turn, and print the engines' real
@@ -169,6 +182,9 @@ pub fn main() -> Result<()> {
             approx_ttl_s,
             approx_block_size,
             routed_ttl_ms,
+            http_max_connections,
+            http_header_timeout_ms,
+            http_max_requests_per_connection,
         } => {
             let parsed = match crate::config::from_process_env() {
                 Ok(p) => p,
@@ -193,6 +209,11 @@ pub fn main() -> Result<()> {
                 approx_block_size,
                 routed_ttl: Duration::from_millis(routed_ttl_ms),
                 body_timeout: crate::http::BODY_TIMEOUT,
+                http: crate::http::server::Limits {
+                    max_connections: http_max_connections as usize,
+                    header_timeout: Duration::from_millis(http_header_timeout_ms),
+                    max_requests_per_connection: http_max_requests_per_connection,
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

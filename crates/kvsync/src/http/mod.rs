@@ -6,12 +6,15 @@
 //! - [`request`]: parsing a route request (a fast path for gateway shapes, serde otherwise);
 //! - `route`: the `/v1/route` handler: parse, tokenize, ask the index, let `crate::route`
 //!   choose;
-//! - `answer`: the route answer's JSON.
+//! - `answer`: the route answer's JSON;
+//! - [`server`]: the accept loop and connection limits (header timeout, connection cap,
+//!   requests per connection).
 
 mod answer;
 mod body;
 pub mod request;
 mod route;
+pub mod server;
 
 use crate::manager::{PodTable, WorkerTable};
 use crate::metrics::Metrics;
