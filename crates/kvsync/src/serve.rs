@@ -117,12 +117,9 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         pods: manager.pods(),
         workers: manager.workers(),
         metrics,
-        tokenizer: cfg
-            .tokenizer
-            .as_ref()
-            .map(|t| Tokenizer::new(&t.endpoint, opts.tokenizer_timeout)),
+        tokenizer: Tokenizer::new(opts.tokenizer_timeout),
+        tokenizer_endpoint: cfg.tokenizer.as_ref().map(|t| t.endpoint.clone()),
         pod_tokenizer_port: opts.pod_tokenizer_port,
-        tokenizer_timeout: opts.tokenizer_timeout,
         body_timeout: opts.body_timeout,
         kv_sync: cfg.kv_sync,
         recent: Approx::new(
