@@ -21,6 +21,10 @@ pub(crate) const MONITOR: u8 = 4;
 /// Most messages read from one socket before the others get a turn.
 const READ_BURST: usize = 256;
 
+/// How long after a disconnect libzmq has to say it retries before the connection is taken
+/// for given up (it schedules the retry at once; the events arrive together).
+pub(crate) const GIVE_UP_GRACE: Duration = Duration::from_secs(1);
+
 /// A subscriber socket's epoll token: `id << 2 | kind` (the wake socket's is `usize::MAX`).
 pub(crate) fn token(id: u64, kind: u8) -> mio::Token {
     // Ids count up from 1: far below 2^62.
@@ -52,6 +56,10 @@ pub(crate) struct Sub {
     pub(crate) catch_up_at: Option<Instant>,
     pub(crate) last_message: Instant,
     pub(crate) reopen_at: Option<Instant>,
+    /// Set at a disconnect, cleared when libzmq says it retries (or reconnects): past it,
+    /// libzmq gave the connection up (it does after a protocol error, such as a frame over
+    /// `max_message_bytes`), and the sockets are reopened.
+    pub(crate) given_up_at: Option<Instant>,
     pub(crate) attempt: u32,
     pub(crate) closed: bool,
     /// Sockets to read before the next sleep (`LIVE`, `REPLAY`, `MONITOR`): flagged by epoll
@@ -83,8 +91,11 @@ impl Sub {
 
     pub(crate) fn try_open(&self, ctx: &zmq::Context) -> Result<Sockets, zmq::Error> {
         let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        // A larger frame makes libzmq drop the connection rather than allocate it.
+        let max_msg = i64::try_from(self.cfg.max_message_bytes).unwrap_or(i64::MAX);
         let sub = ctx.socket(zmq::SUB)?;
         sub.set_linger(0)?;
+        sub.set_maxmsgsize(max_msg)?;
         sub.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
         sub.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
         sub.set_heartbeat_ivl(ms(self.cfg.heartbeat))?;
@@ -93,7 +104,9 @@ impl Sub {
         let mon = format!("inproc://kv-events-mon-{}-{}", self.id, self.generation);
         sub.monitor(
             &mon,
-            (zmq::SocketEvent::CONNECTED as i32) | (zmq::SocketEvent::DISCONNECTED as i32),
+            (zmq::SocketEvent::CONNECTED as i32)
+                | (zmq::SocketEvent::DISCONNECTED as i32)
+                | (zmq::SocketEvent::CONNECT_RETRIED as i32),
         )?;
         let monitor = ctx.socket(zmq::PAIR)?;
         monitor.connect(&mon)?;
@@ -102,6 +115,7 @@ impl Sub {
             Some(ep) => {
                 let d = ctx.socket(zmq::DEALER)?;
                 d.set_linger(0)?;
+                d.set_maxmsgsize(max_msg)?;
                 d.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
                 d.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
                 d.connect(ep)?;
@@ -167,6 +181,7 @@ impl Sub {
     }
 
     pub(crate) fn close_sockets(&mut self) {
+        self.given_up_at = None;
         self.sockets = None;
         self.replay_deadline = None;
         self.catch_up_at = None;
@@ -257,7 +272,10 @@ impl Sub {
                 .first()
                 .and_then(|f| f.get(..2))
                 .map(|b| u16::from_le_bytes([b[0], b[1]]));
-            if event == Some(zmq::SocketEvent::CONNECTED as u16) {
+            if event == Some(zmq::SocketEvent::CONNECT_RETRIED as u16) {
+                self.given_up_at = None;
+            } else if event == Some(zmq::SocketEvent::CONNECTED as u16) {
+                self.given_up_at = None;
                 self.connected = true;
                 self.counters.connects.fetch_add(1, Relaxed);
                 self.attempt = 0;
@@ -273,6 +291,7 @@ impl Sub {
                 }
             } else if event == Some(zmq::SocketEvent::DISCONNECTED as u16) && self.connected {
                 tracing::info!(subscriber = %self.cfg.name, "disconnected");
+                self.given_up_at = Some(Instant::now() + GIVE_UP_GRACE);
                 self.disconnected();
                 self.set_state(SubscriberState::Connecting);
             }

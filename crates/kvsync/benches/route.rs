@@ -333,7 +333,10 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         pods,
         workers,
         metrics,
-        tokenizer: kvsync::tokenize::Tokenizer::new(Duration::from_secs(1)),
+        tokenizer: kvsync::tokenize::Tokenizer::new(
+            Duration::from_secs(1),
+            kvsync::tokenize::MAX_RESPONSE_BYTES,
+        ),
         tokenizer_endpoint: None,
         pod_tokenizer_port: 8000,
         body_timeout: kvsync::http::BODY_TIMEOUT,

@@ -28,6 +28,8 @@ pub struct Options {
     pub pods_interval: Duration,
     pub index_max_bytes: usize,
     pub tokenizer_timeout: Duration,
+    /// Largest tokenizer answer read.
+    pub tokenizer_max_response_bytes: usize,
     /// Port of a pod's own `/tokenize` when no remote tokenizer endpoint is configured.
     pub pod_tokenizer_port: u16,
     /// Approximate mode (KV sync off): how long a routing decision counts as cached.
@@ -51,6 +53,7 @@ impl Default for Options {
             pods_interval: Duration::from_secs(1),
             index_max_bytes: 1 << 30,
             tokenizer_timeout: Duration::from_secs(5),
+            tokenizer_max_response_bytes: crate::tokenize::MAX_RESPONSE_BYTES,
             pod_tokenizer_port: 8000,
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,
@@ -117,7 +120,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         pods: manager.pods(),
         workers: manager.workers(),
         metrics,
-        tokenizer: Tokenizer::new(opts.tokenizer_timeout),
+        tokenizer: Tokenizer::new(opts.tokenizer_timeout, opts.tokenizer_max_response_bytes),
         tokenizer_endpoint: cfg.tokenizer.as_ref().map(|t| t.endpoint.clone()),
         pod_tokenizer_port: opts.pod_tokenizer_port,
         body_timeout: opts.body_timeout,

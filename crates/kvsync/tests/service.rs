@@ -739,3 +739,39 @@ async fn pod_tokenizers_are_spread_pooled_and_failed_over() {
     running.stop().await.expect("clean stop");
     passed(&file);
 }
+
+/// A tokenizer answer over `tokenizer_max_response_bytes` is refused (502 naming the cap) and
+/// counted, not read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_tokenizer_answer_is_refused_and_counted() {
+    let (addr, _, _t) = counting_tokenizer("127.0.0.1", 0).await;
+    let file = temp_file("tok-cap", &pod_at("a", "127.0.0.1"));
+    let mut opts = options(file.clone());
+    opts.tokenizer_max_response_bytes = 16 << 10;
+    let (running, http) = start_listed(config(false, addr), opts).await;
+    // ~2 bytes per token in the answer: 4 000 tokens fit, 20 000 do not.
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "prompt": "1 ".repeat(4_000)}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "prompt": "1 ".repeat(20_000)}))
+        .await;
+    assert_eq!(s, 502, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("larger than 16384 bytes"),
+        "{r}"
+    );
+    let (_, text) = http.call("GET", "/metrics", Vec::new()).await;
+    let text = String::from_utf8(text).expect("utf-8");
+    assert!(
+        text.lines()
+            .any(|l| l == "kvsync_tokenizer_oversized_total 1"),
+        "{text}"
+    );
+    running.stop().await.expect("clean stop");
+    passed(&file);
+}

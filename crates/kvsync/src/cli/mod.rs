@@ -51,6 +51,10 @@ enum Command {
         /// Timeout of a remote tokenizer request, in milliseconds.
         #[arg(long, env = "KVSYNC_TOKENIZER_TIMEOUT_MS", default_value_t = 5000)]
         tokenizer_timeout_ms: u64,
+        /// Largest remote tokenizer answer read, in MiB (a larger one is refused: 502).
+        #[arg(long, env = "KVSYNC_TOKENIZER_MAX_RESPONSE_MIB", default_value_t = 32,
+              value_parser = clap::value_parser!(u64).range(1..=4096))]
+        tokenizer_max_response_mib: u64,
         /// A pod's own /tokenize port, used when AIBRIX_REMOTE_TOKENIZER_ENDPOINT is unset.
         #[arg(long, env = "KVSYNC_POD_TOKENIZER_PORT", default_value_t = 8000)]
         pod_tokenizer_port: u16,
@@ -178,6 +182,7 @@ pub fn main() -> Result<()> {
             index_max_mib,
             listen,
             tokenizer_timeout_ms,
+            tokenizer_max_response_mib,
             pod_tokenizer_port,
             approx_ttl_s,
             approx_block_size,
@@ -204,6 +209,7 @@ pub fn main() -> Result<()> {
                 pods_interval: Duration::from_millis(pods_interval_ms),
                 index_max_bytes: index_max_mib << 20,
                 tokenizer_timeout: Duration::from_millis(tokenizer_timeout_ms),
+                tokenizer_max_response_bytes: (tokenizer_max_response_mib as usize) << 20,
                 pod_tokenizer_port,
                 approx_ttl: Duration::from_secs(approx_ttl_s),
                 approx_block_size,

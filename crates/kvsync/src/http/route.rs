@@ -274,6 +274,9 @@ async fn tokenize(s: &AppState, model: &str, text: Text<'_>) -> Result<Vec<u32>,
         )),
         Err(e) => {
             s.metrics.api.tokenizer_errors.inc();
+            if matches!(e, crate::tokenize::TokenizeError::TooLarge { .. }) {
+                s.metrics.api.tokenizer_oversized.inc();
+            }
             Err(error(
                 StatusCode::BAD_GATEWAY,
                 format!("tokenizer failed: {e}"),

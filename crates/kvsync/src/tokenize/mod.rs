@@ -5,7 +5,7 @@
 //! one when a pod cannot be connected to.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
@@ -28,9 +28,16 @@ pub enum TokenizeError {
         status: u16,
         body: String,
     },
+    #[error("tokenizer at {endpoint} answered a body larger than {limit} bytes")]
+    TooLarge { endpoint: String, limit: usize },
     #[error("tokenizer at {endpoint} answered without a `tokens` list of ids: {body}")]
     Malformed { endpoint: String, body: String },
 }
+
+/// Default largest `/tokenize` answer read: 32 MiB. The text comes from a request body of at
+/// most `http::MAX_BODY` (4 MiB), so at most ~4 M tokens (one per byte, at worst), each at most
+/// 7 bytes in the answer's `tokens` list (`151935,`): 28 MB.
+pub const MAX_RESPONSE_BYTES: usize = 32 << 20;
 
 /// Most pods asked for one text before giving up (each may take up to the connect timeout).
 pub const MAX_ATTEMPTS: usize = 3;
@@ -44,6 +51,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Tokenizer {
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    /// Largest answer read ([`MAX_RESPONSE_BYTES`] by default).
+    max_response_bytes: usize,
     /// Where the next [`Tokenizer::tokenize_any`] starts in its list (spreads the load).
     next: AtomicUsize,
 }
@@ -65,8 +74,9 @@ pub enum Text<'a> {
 }
 
 impl Tokenizer {
-    /// A client whose requests each take at most `timeout`.
-    pub fn new(timeout: Duration) -> Tokenizer {
+    /// A client whose requests each take at most `timeout` and whose answers are read up to
+    /// `max_response_bytes`.
+    pub fn new(timeout: Duration, max_response_bytes: usize) -> Tokenizer {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout.min(CONNECT_TIMEOUT)));
@@ -76,6 +86,7 @@ impl Tokenizer {
                 .pool_max_idle_per_host(16)
                 .build(connector),
             timeout,
+            max_response_bytes,
             next: AtomicUsize::new(0),
         }
     }
@@ -148,13 +159,30 @@ impl Tokenizer {
                 }
             })?;
             let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
+            let too_large = || TokenizeError::TooLarge {
+                endpoint: endpoint.clone(),
+                limit: self.max_response_bytes,
+            };
+            let declared = resp
+                .headers()
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > self.max_response_bytes as u64) {
+                return Err(too_large());
+            }
+            let bytes = Limited::new(resp.into_body(), self.max_response_bytes)
                 .collect()
                 .await
-                .map_err(|e| TokenizeError::Unreachable {
-                    endpoint: endpoint.clone(),
-                    detail: e.to_string(),
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        too_large()
+                    } else {
+                        TokenizeError::Unreachable {
+                            endpoint: endpoint.clone(),
+                            detail: e.to_string(),
+                        }
+                    }
                 })?
                 .to_bytes();
             Ok::<_, TokenizeError>((status, bytes))
