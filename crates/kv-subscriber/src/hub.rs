@@ -324,6 +324,7 @@ impl Poller {
                 s.seq.on_replay_timeout(&mut out);
                 s.counters.replays_failed.fetch_add(1, Relaxed);
                 tracing::warn!(subscriber = %s.cfg.name, "replay timed out");
+                s.reopen_dealer(&self.contexts[s.context].0, self.poll.registry());
                 s.emit_deliveries(out);
                 s.set_state(SubscriberState::Live);
             }

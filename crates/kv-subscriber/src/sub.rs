@@ -89,13 +89,59 @@ impl Sub {
         }
     }
 
+    fn open_dealer(&self, ctx: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, zmq::Error> {
+        let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        let d = ctx.socket(zmq::DEALER)?;
+        d.set_linger(0)?;
+        d.set_maxmsgsize(i64::try_from(self.cfg.max_message_bytes).unwrap_or(i64::MAX))?;
+        d.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
+        d.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
+        d.connect(endpoint)?;
+        Ok(d)
+    }
+
+    /// After a replay timed out: a new replay DEALER. libzmq drops a DEALER's connection for
+    /// good when a reply frame is over `max_message_bytes` (as the SUB's, which the monitor
+    /// sees; the DEALER has none), and the next replays would all time out. The old socket's
+    /// late replies go with it.
+    pub(crate) fn reopen_dealer(&mut self, ctx: &zmq::Context, registry: &mio::Registry) {
+        let Some(ep) = self.cfg.replay_endpoint.clone() else {
+            return;
+        };
+        if self.sockets.is_none() {
+            return;
+        }
+        let opened = self.open_dealer(ctx, &ep).and_then(|d| {
+            let fd = d.get_fd()?;
+            registry
+                .register(
+                    &mut mio::unix::SourceFd(&fd),
+                    token(self.id, REPLAY),
+                    mio::Interest::READABLE,
+                )
+                .map_err(|_| zmq::Error::EINVAL)?;
+            Ok(d)
+        });
+        match opened {
+            Ok(d) => {
+                if let Some(k) = self.sockets.as_mut() {
+                    // The old socket's fd leaves epoll as it closes.
+                    k.dealer = Some(d);
+                }
+                self.dirty |= REPLAY;
+            }
+            Err(e) => {
+                tracing::warn!(subscriber = %self.cfg.name, error = %e, "cannot reopen the replay socket")
+            }
+        }
+    }
+
     pub(crate) fn try_open(&self, ctx: &zmq::Context) -> Result<Sockets, zmq::Error> {
         let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
-        // A larger frame makes libzmq drop the connection rather than allocate it.
-        let max_msg = i64::try_from(self.cfg.max_message_bytes).unwrap_or(i64::MAX);
         let sub = ctx.socket(zmq::SUB)?;
         sub.set_linger(0)?;
-        sub.set_maxmsgsize(max_msg)?;
+        // A larger frame makes libzmq drop the connection rather than allocate it.
+        sub.set_maxmsgsize(i64::try_from(self.cfg.max_message_bytes).unwrap_or(i64::MAX))?;
         sub.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
         sub.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
         sub.set_heartbeat_ivl(ms(self.cfg.heartbeat))?;
@@ -112,15 +158,7 @@ impl Sub {
         monitor.connect(&mon)?;
         sub.connect(&self.cfg.endpoint)?;
         let dealer = match &self.cfg.replay_endpoint {
-            Some(ep) => {
-                let d = ctx.socket(zmq::DEALER)?;
-                d.set_linger(0)?;
-                d.set_maxmsgsize(max_msg)?;
-                d.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
-                d.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
-                d.connect(ep)?;
-                Some(d)
-            }
+            Some(ep) => Some(self.open_dealer(ctx, ep)?),
             None => None,
         };
         Ok(Sockets {

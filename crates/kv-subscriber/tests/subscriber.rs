@@ -687,4 +687,15 @@ async fn a_message_over_the_size_cap_is_refused_and_later_ones_flow() {
         s.counters.disconnects.load(Relaxed) >= 1,
         "the drop counted"
     );
+    assert!(
+        s.counters.connections_refused.load(Relaxed) >= 1,
+        "the refusal counted"
+    );
+    // The replay socket works again: a batch lost on the wire is repaired from the buffer.
+    p.skip(seq, &payload(seq));
+    p.send(seq + 1, &payload(seq + 1));
+    // (The replayed batches come before the gap's report.)
+    s.repaired_gap().await;
+    let b = s.batches();
+    assert!(b.contains(&seq) && b.contains(&(seq + 1)), "{b:?}");
 }
