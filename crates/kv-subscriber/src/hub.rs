@@ -280,7 +280,8 @@ impl Poller {
         while let Ok(c) = self.commands.try_recv() {
             match c {
                 Command::Add(id, cfg, sink, counters) => {
-                    let mut seq = Sequencer::new(cfg.replay_endpoint.is_some(), cfg.max_held);
+                    let mut seq = Sequencer::new(cfg.replay_endpoint.is_some(), cfg.max_held)
+                        .max_held_bytes(cfg.max_held_bytes);
                     if let Some(n) = cfg.from_seq {
                         seq.resume_at(n);
                     }
@@ -301,6 +302,7 @@ impl Poller {
                         catch_up_at: None,
                         last_message: Instant::now(),
                         reopen_at: None,
+                        given_up_at: None,
                         attempt: 0,
                         closed: false,
                         dirty: 0,
@@ -333,6 +335,7 @@ impl Poller {
                 s.seq.on_replay_timeout(&mut out);
                 s.counters.replays_failed.fetch_add(1, Relaxed);
                 tracing::warn!(subscriber = %s.cfg.name, "replay timed out");
+                s.reopen_dealer(&self.contexts[s.context].0, self.poll.registry());
                 s.emit_deliveries(out);
                 s.set_state(SubscriberState::Live);
             }
@@ -355,6 +358,14 @@ impl Poller {
                     s.set_state(SubscriberState::BackingOff);
                 }
             }
+            if s.given_up_at.is_some_and(|t| now >= t) {
+                tracing::warn!(subscriber = %s.cfg.name, "the connection was dropped and not retried (a frame over max_message_bytes?): reopening");
+                s.counters.connections_refused.fetch_add(1, Relaxed);
+                s.close_sockets();
+                s.reopen_at = Some(now + s.cfg.backoff.delay(s.attempt, random));
+                s.attempt = s.attempt.saturating_add(1);
+                s.set_state(SubscriberState::BackingOff);
+            }
             if s.reopen_at.is_some_and(|t| now >= t) {
                 s.reopen_at = None;
                 s.open(&self.contexts[s.context].0, self.poll.registry());
@@ -372,6 +383,7 @@ impl Poller {
                 s.replay_deadline,
                 s.catch_up_at,
                 s.reopen_at,
+                s.given_up_at,
                 s.cfg
                     .idle_timeout
                     .filter(|_| s.connected)

@@ -31,5 +31,5 @@ pub use hub::{Hub, HubError, SUBS_PER_CONTEXT};
 pub use sequencer::{Action, Delivery, Sequencer};
 pub use subscription::{
     Sink, SubscriberConfig, SubscriberCounters, SubscriberEvent, SubscriberState, Subscription,
-    SubscriptionId,
+    SubscriptionId, MAX_HELD_BYTES, MAX_MESSAGE_BYTES,
 };

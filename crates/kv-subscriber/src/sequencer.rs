@@ -107,6 +107,9 @@ pub struct Sequencer {
     mode: Mode,
     held: VecDeque<(u64, Vec<u8>)>,
     max_held: usize,
+    /// Bytes of payload in `held`, and their bound.
+    held_bytes: usize,
+    max_held_bytes: usize,
     /// Live messages dropped because `held` was full (they show up as unrepaired gaps).
     pub held_overflow: u64,
     /// Batches refused because their seq is u64::MAX (no seq can follow it; vLLM never sends
@@ -126,9 +129,20 @@ impl Sequencer {
             mode: Mode::Live,
             held: VecDeque::new(),
             max_held: max_held.max(1),
+            held_bytes: 0,
+            max_held_bytes: usize::MAX,
             held_overflow: 0,
             bad_seqs: 0,
         }
+    }
+
+    /// Bounds the payload bytes of the live messages held while a replay runs (the oldest are
+    /// dropped past it, and reported as a gap, as past `max_held`; one message alone is held
+    /// whatever its size: the socket's `max_message_bytes` bounds it).
+    #[must_use]
+    pub fn max_held_bytes(mut self, bytes: usize) -> Self {
+        self.max_held_bytes = bytes;
+        self
     }
 
     /// Starts at `seq` instead of 0: the first replay asks from there, and earlier seqs are
@@ -188,10 +202,16 @@ impl Sequencer {
     }
 
     fn hold(&mut self, seq: u64, payload: &[u8]) {
-        if self.held.len() >= self.max_held {
-            self.held.pop_front();
+        while !self.held.is_empty()
+            && (self.held.len() >= self.max_held
+                || self.held_bytes.saturating_add(payload.len()) > self.max_held_bytes)
+        {
+            if let Some((_, p)) = self.held.pop_front() {
+                self.held_bytes -= p.len();
+            }
             self.held_overflow += 1;
         }
+        self.held_bytes += payload.len();
         self.held.push_back((seq, payload.to_vec()));
     }
 
@@ -395,6 +415,7 @@ impl Sequencer {
         // Merge what arrived live meanwhile: duplicates of replayed batches are dropped, holes
         // the replay did not fill are unrepaired gaps.
         while let Some((seq, payload)) = self.held.pop_front() {
+            self.held_bytes -= payload.len();
             if self.next.is_none() && seq > from {
                 // Nothing replayed at all: the hole is from..seq.
                 out.push(Delivery::Gap {
@@ -825,6 +846,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn held_bytes_are_bounded_and_overflow_is_a_gap() {
+        let size = payload(0).len();
+        let mut s = Sequencer::new(true, 100).max_held_bytes(2 * size);
+        let mut out = Vec::new();
+        s.on_connected();
+        for q in 0..4 {
+            s.on_live(q, &payload(q), &mut out);
+        }
+        assert_eq!(s.held_overflow, 2);
+        s.on_replay_end(&mut out); // the engine had nothing buffered before 0
+        assert_eq!(view(&out), ["gap 0-1 lost", "2", "3"]);
     }
 
     /// Fault injection: a publisher whose live messages are dropped at random, with a replay

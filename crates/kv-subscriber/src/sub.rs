@@ -21,6 +21,10 @@ pub(crate) const MONITOR: u8 = 4;
 /// Most messages read from one socket before the others get a turn.
 const READ_BURST: usize = 256;
 
+/// How long after a disconnect libzmq has to say it retries before the connection is taken
+/// for given up (it schedules the retry at once; the events arrive together).
+pub(crate) const GIVE_UP_GRACE: Duration = Duration::from_secs(1);
+
 /// A subscriber socket's epoll token: `id << 2 | kind` (the wake socket's is `usize::MAX`).
 pub(crate) fn token(id: u64, kind: u8) -> mio::Token {
     // Ids count up from 1: far below 2^62.
@@ -52,6 +56,10 @@ pub(crate) struct Sub {
     pub(crate) catch_up_at: Option<Instant>,
     pub(crate) last_message: Instant,
     pub(crate) reopen_at: Option<Instant>,
+    /// Set at a disconnect, cleared when libzmq says it retries (or reconnects): past it,
+    /// libzmq gave the connection up (it does after a protocol error, such as a frame over
+    /// `max_message_bytes`), and the sockets are reopened.
+    pub(crate) given_up_at: Option<Instant>,
     pub(crate) attempt: u32,
     pub(crate) closed: bool,
     /// Sockets to read before the next sleep (`LIVE`, `REPLAY`, `MONITOR`): flagged by epoll
@@ -81,10 +89,59 @@ impl Sub {
         }
     }
 
+    fn open_dealer(&self, ctx: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, zmq::Error> {
+        let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        let d = ctx.socket(zmq::DEALER)?;
+        d.set_linger(0)?;
+        d.set_maxmsgsize(i64::try_from(self.cfg.max_message_bytes).unwrap_or(i64::MAX))?;
+        d.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
+        d.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
+        d.connect(endpoint)?;
+        Ok(d)
+    }
+
+    /// After a replay timed out: a new replay DEALER. libzmq drops a DEALER's connection for
+    /// good when a reply frame is over `max_message_bytes` (as the SUB's, which the monitor
+    /// sees; the DEALER has none), and the next replays would all time out. The old socket's
+    /// late replies go with it.
+    pub(crate) fn reopen_dealer(&mut self, ctx: &zmq::Context, registry: &mio::Registry) {
+        let Some(ep) = self.cfg.replay_endpoint.clone() else {
+            return;
+        };
+        if self.sockets.is_none() {
+            return;
+        }
+        let opened = self.open_dealer(ctx, &ep).and_then(|d| {
+            let fd = d.get_fd()?;
+            registry
+                .register(
+                    &mut mio::unix::SourceFd(&fd),
+                    token(self.id, REPLAY),
+                    mio::Interest::READABLE,
+                )
+                .map_err(|_| zmq::Error::EINVAL)?;
+            Ok(d)
+        });
+        match opened {
+            Ok(d) => {
+                if let Some(k) = self.sockets.as_mut() {
+                    // The old socket's fd leaves epoll as it closes.
+                    k.dealer = Some(d);
+                }
+                self.dirty |= REPLAY;
+            }
+            Err(e) => {
+                tracing::warn!(subscriber = %self.cfg.name, error = %e, "cannot reopen the replay socket")
+            }
+        }
+    }
+
     pub(crate) fn try_open(&self, ctx: &zmq::Context) -> Result<Sockets, zmq::Error> {
         let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
         let sub = ctx.socket(zmq::SUB)?;
         sub.set_linger(0)?;
+        // A larger frame makes libzmq drop the connection rather than allocate it.
+        sub.set_maxmsgsize(i64::try_from(self.cfg.max_message_bytes).unwrap_or(i64::MAX))?;
         sub.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
         sub.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
         sub.set_heartbeat_ivl(ms(self.cfg.heartbeat))?;
@@ -93,20 +150,15 @@ impl Sub {
         let mon = format!("inproc://kv-events-mon-{}-{}", self.id, self.generation);
         sub.monitor(
             &mon,
-            (zmq::SocketEvent::CONNECTED as i32) | (zmq::SocketEvent::DISCONNECTED as i32),
+            (zmq::SocketEvent::CONNECTED as i32)
+                | (zmq::SocketEvent::DISCONNECTED as i32)
+                | (zmq::SocketEvent::CONNECT_RETRIED as i32),
         )?;
         let monitor = ctx.socket(zmq::PAIR)?;
         monitor.connect(&mon)?;
         sub.connect(&self.cfg.endpoint)?;
         let dealer = match &self.cfg.replay_endpoint {
-            Some(ep) => {
-                let d = ctx.socket(zmq::DEALER)?;
-                d.set_linger(0)?;
-                d.set_reconnect_ivl(ms(self.cfg.backoff.start))?;
-                d.set_reconnect_ivl_max(ms(self.cfg.backoff.cap))?;
-                d.connect(ep)?;
-                Some(d)
-            }
+            Some(ep) => Some(self.open_dealer(ctx, ep)?),
             None => None,
         };
         Ok(Sockets {
@@ -167,6 +219,7 @@ impl Sub {
     }
 
     pub(crate) fn close_sockets(&mut self) {
+        self.given_up_at = None;
         self.sockets = None;
         self.replay_deadline = None;
         self.catch_up_at = None;
@@ -257,7 +310,10 @@ impl Sub {
                 .first()
                 .and_then(|f| f.get(..2))
                 .map(|b| u16::from_le_bytes([b[0], b[1]]));
-            if event == Some(zmq::SocketEvent::CONNECTED as u16) {
+            if event == Some(zmq::SocketEvent::CONNECT_RETRIED as u16) {
+                self.given_up_at = None;
+            } else if event == Some(zmq::SocketEvent::CONNECTED as u16) {
+                self.given_up_at = None;
                 self.connected = true;
                 self.counters.connects.fetch_add(1, Relaxed);
                 self.attempt = 0;
@@ -273,6 +329,7 @@ impl Sub {
                 }
             } else if event == Some(zmq::SocketEvent::DISCONNECTED as u16) && self.connected {
                 tracing::info!(subscriber = %self.cfg.name, "disconnected");
+                self.given_up_at = Some(Instant::now() + GIVE_UP_GRACE);
                 self.disconnected();
                 self.set_state(SubscriberState::Connecting);
             }

@@ -32,6 +32,12 @@ pub struct SubscriberConfig {
     pub backoff: Backoff,
     /// Live messages held while a replay runs.
     pub max_held: usize,
+    /// Payload bytes of the live messages held while a replay runs (the oldest are dropped
+    /// past it, and reported as a gap, as past `max_held`). Default [`MAX_HELD_BYTES`].
+    pub max_held_bytes: usize,
+    /// Largest message frame read from the SUB or the replay DEALER (`ZMQ_MAXMSGSIZE`).
+    /// Default [`MAX_MESSAGE_BYTES`].
+    pub max_message_bytes: usize,
     /// Start from this seq (replayed) instead of 0 on the first connect.
     pub from_seq: Option<u64>,
     /// With a replay socket: replay once more this long after a connect when no live message
@@ -55,6 +61,8 @@ impl SubscriberConfig {
             idle_timeout: None,
             backoff: Backoff::default(),
             max_held: 10_000,
+            max_held_bytes: MAX_HELD_BYTES,
+            max_message_bytes: MAX_MESSAGE_BYTES,
             from_seq: None,
             catch_up_after: Duration::from_millis(500),
         }
@@ -66,6 +74,23 @@ impl SubscriberConfig {
         self
     }
 }
+
+/// Default [`SubscriberConfig::max_message_bytes`]: 64 MiB. A batch is one engine step's
+/// events (`vllm/distributed/kv_events.py`: the publisher sends what the scheduler step
+/// produced). A step stores at most `max_num_batched_tokens / block_size` new full blocks per
+/// KV cache group (`vllm/v1/core/block_pool.py`), each `BlockStored` carrying its token ids
+/// (msgpack: at most 5 bytes each) and its hash (at most 34 bytes); with chunked prefill off,
+/// `max_num_batched_tokens` is at least `max_model_len`, which reaches 1 M tokens for
+/// long-context models. 1 M tokens × 5 bytes × 4 groups (a hybrid model) is 20 MB, plus one
+/// `BlockRemoved` per evicted block (~40 bytes each): 64 MiB leaves three times that. A larger
+/// frame is refused by libzmq, which drops the connection: counted in `disconnects`, the
+/// batch lost (a gap, repaired when the replay buffer can give it, which it cannot either).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Default [`SubscriberConfig::max_held_bytes`]: 256 MiB, four of the largest batches
+/// [`MAX_MESSAGE_BYTES`] allows; typical batches are kilobytes, so `max_held` (10 000, the
+/// size of vLLM's replay buffer, `buffer_steps`) binds first.
+pub const MAX_HELD_BYTES: usize = 256 << 20;
 
 /// A subscriber's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +167,9 @@ pub struct SubscriberCounters {
     pub state: AtomicU8,
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
+    /// Connections libzmq dropped and did not retry (a frame over `max_message_bytes`, or
+    /// another protocol error): the sockets were reopened.
+    pub connections_refused: AtomicU64,
     pub replays_requested: AtomicU64,
     pub replays_completed: AtomicU64,
     pub replays_failed: AtomicU64,

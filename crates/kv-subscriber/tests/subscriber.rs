@@ -689,3 +689,74 @@ async fn a_panicking_direct_sink_stops_only_its_own_subscription() {
     let got = good.batches();
     assert_eq!(got, (got[0]..next).collect::<Vec<_>>());
 }
+
+/// A frame over `max_message_bytes` is refused by libzmq, which drops the connection: the
+/// batch is never delivered, the drop is counted, the loss is reported as an unrepaired gap
+/// (the replay buffer's copy is over the cap too), and later batches flow again.
+#[tokio::test]
+async fn a_message_over_the_size_cap_is_refused_and_later_ones_flow() {
+    let hub = Hub::start().expect("hub");
+    let mut p = Publisher::start(&[]);
+    let mut cfg = SubscriberConfig::new("cap", p.endpoint()).replay(p.replay_endpoint());
+    cfg.max_message_bytes = 64 << 10;
+    cfg.replay_timeout = Duration::from_secs(1);
+    let mut s = sink_for(&hub, cfg);
+    s.live().await;
+    let n = prime(&mut p, &mut s, 0).await;
+    let big = encode(
+        &EventBatch {
+            ts: n as f64,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: (0..1000).map(BlockHash::Uint).collect(),
+                token_ids: vec![100_000; 64 * 1000],
+                block_size: 64,
+                ..Default::default()
+            })],
+            data_parallel_rank: Some(0),
+        },
+        &WireFormat::VLLM_0_33,
+    );
+    assert!(big.len() > 4 * (64 << 10), "{} bytes", big.len());
+    p.send(n, &big);
+    let mut seq = n + 1;
+    'flowing: loop {
+        p.send(seq, &payload(seq));
+        seq += 1;
+        while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), s.rx.recv()).await
+        {
+            let later = matches!(&ev, SubscriberEvent::Delivery(Delivery::Batch(q, _)) if *q > n);
+            s.seen.push(ev);
+            if later {
+                break 'flowing;
+            }
+        }
+        assert!(seq < n + 200, "no later batch arrived: {:?}", s.seen);
+    }
+    assert!(
+        !s.batches().contains(&n),
+        "the oversized batch was delivered: {:?}",
+        s.batches()
+    );
+    assert!(
+        s.gaps()
+            .iter()
+            .any(|&(from, to, repaired)| from <= n && n <= to && !repaired),
+        "its loss reported: {:?}",
+        s.gaps()
+    );
+    assert!(
+        s.counters.disconnects.load(Relaxed) >= 1,
+        "the drop counted"
+    );
+    assert!(
+        s.counters.connections_refused.load(Relaxed) >= 1,
+        "the refusal counted"
+    );
+    // The replay socket works again: a batch lost on the wire is repaired from the buffer.
+    p.skip(seq, &payload(seq));
+    p.send(seq + 1, &payload(seq + 1));
+    // (The replayed batches come before the gap's report.)
+    s.repaired_gap().await;
+    let b = s.batches();
+    assert!(b.contains(&seq) && b.contains(&(seq + 1)), "{b:?}");
+}

@@ -338,9 +338,12 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         pods,
         workers,
         metrics,
-        tokenizer: None,
+        tokenizer: kvsync::tokenize::Tokenizer::new(
+            Duration::from_secs(1),
+            kvsync::tokenize::MAX_RESPONSE_BYTES,
+        ),
+        tokenizer_endpoint: None,
         pod_tokenizer_port: 8000,
-        tokenizer_timeout: Duration::from_secs(1),
         body_timeout: kvsync::http::BODY_TIMEOUT,
         kv_sync: true,
         // As `kvsync serve` by default: decisions count for 2 s.

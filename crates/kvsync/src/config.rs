@@ -159,7 +159,15 @@ pub fn parse(vars: &BTreeMap<String, String>) -> Result<Parsed, ConfigError> {
             .or_else(|| e.strip_prefix("https://"));
         if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
             r.problems.push(format!(
-                "AIBRIX_REMOTE_TOKENIZER_ENDPOINT={e:?} is not an http:// or https:// URL with a host"
+                "AIBRIX_REMOTE_TOKENIZER_ENDPOINT={e:?} is not an http:// URL with a host"
+            ));
+        } else if e.starts_with("https://") {
+            // The client has no TLS connector: refused here rather than failing every text
+            // route at run time.
+            r.problems.push(format!(
+                "AIBRIX_REMOTE_TOKENIZER_ENDPOINT={e:?}: https is not supported (kvsync's \
+                 tokenizer client speaks plain HTTP); use an http:// endpoint, e.g. the \
+                 engine's in-cluster Service"
             ));
         }
     }
@@ -338,6 +346,22 @@ mod tests {
         ] {
             assert!(msg.contains(k), "{k} missing from {msg}");
         }
+    }
+
+    #[test]
+    fn an_https_tokenizer_endpoint_is_refused_with_one_clear_error() {
+        let mut v = vars(&FULL);
+        v.insert(
+            "AIBRIX_REMOTE_TOKENIZER_ENDPOINT".into(),
+            "https://vllm-service:8000".into(),
+        );
+        let e = parse(&v).expect_err("refused at start");
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.problems[0].contains("AIBRIX_REMOTE_TOKENIZER_ENDPOINT")
+                && e.problems[0].contains("https is not supported"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub struct ApiMetrics {
     /// `kvsync_route_decisions_total`, created once: no label allocation per request).
     pub decisions: Decisions,
     pub tokenizer_errors: Counter,
+    /// Tokenizer answers refused for their size (also in `tokenizer_errors`).
+    pub tokenizer_oversized: Counter,
+    /// The HTTP server's connections.
+    pub server: crate::http::server::ServerMetrics,
 }
 
 /// Route decisions by bucket.
@@ -64,6 +68,8 @@ impl Metrics {
             ]),
             decisions,
             tokenizer_errors: Counter::default(),
+            tokenizer_oversized: Counter::default(),
+            server: Default::default(),
         };
         registry.register(
             "lookup_seconds",
@@ -84,6 +90,21 @@ impl Metrics {
             "tokenizer_errors",
             "Remote tokenizer failures (answered 502)",
             api.tokenizer_errors.clone(),
+        );
+        registry.register(
+            "tokenizer_oversized",
+            "Remote tokenizer answers larger than --tokenizer-max-response-mib (refused, answered 502)",
+            api.tokenizer_oversized.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections open",
+            api.server.connections.clone(),
+        );
+        registry.register(
+            "http_header_timeouts",
+            "HTTP connections closed for not sending a whole request head within the header timeout (slow or idle clients)",
+            api.server.header_timeouts.clone(),
         );
         registry.register(
             "event_apply_lag_seconds",
@@ -224,6 +245,7 @@ impl prometheus_client::collector::Collector for Collector {
         let workers = self.workers.read();
         let mut by_state = [0i64; 5];
         let (mut replays_req, mut replays_ok, mut replays_failed, mut connects) = (0, 0, 0, 0);
+        let mut refused = 0;
         let mut max_lag = 0.0f64;
         let now = crate::manager::unix_seconds();
         let mut held: Vec<(Vec<(String, String)>, i64)> = Vec::new();
@@ -234,6 +256,7 @@ impl prometheus_client::collector::Collector for Collector {
                 replays_ok += l(&c.replays_completed);
                 replays_failed += l(&c.replays_failed);
                 connects += l(&c.connects);
+                refused += l(&c.connections_refused);
             }
             let ts = f64::from_bits(l(&info.last_ts));
             if ts > 0.0 {
@@ -282,6 +305,12 @@ impl prometheus_client::collector::Collector for Collector {
             "connects",
             "Subscriber connections established",
             connects,
+        )?;
+        counter(
+            &mut e,
+            "connections_refused",
+            "Subscriber connections dropped by libzmq and not retried (a frame over the size cap, or another protocol error): sockets reopened",
+            refused,
         )?;
         let lag = ConstGauge::new(max_lag);
         lag.encode(e.encode_descriptor(

@@ -28,6 +28,8 @@ pub struct Options {
     pub pods_interval: Duration,
     pub index_max_bytes: usize,
     pub tokenizer_timeout: Duration,
+    /// Largest tokenizer answer read.
+    pub tokenizer_max_response_bytes: usize,
     /// Port of a pod's own `/tokenize` when no remote tokenizer endpoint is configured.
     pub pod_tokenizer_port: u16,
     /// Approximate mode (KV sync off): how long a routing decision counts as cached.
@@ -40,6 +42,8 @@ pub struct Options {
     pub body_timeout: Duration,
     /// The proxy and the choice: policy, weights, timeouts, cool-down, scrape interval.
     pub proxy: crate::proxy::ProxyConfig,
+    /// Connection limits of the HTTP server.
+    pub http: http::server::Limits,
 }
 
 impl Default for Options {
@@ -51,12 +55,14 @@ impl Default for Options {
             pods_interval: Duration::from_secs(1),
             index_max_bytes: 1 << 30,
             tokenizer_timeout: Duration::from_secs(5),
+            tokenizer_max_response_bytes: crate::tokenize::MAX_RESPONSE_BYTES,
             pod_tokenizer_port: 8000,
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,
             routed_ttl: Duration::from_secs(2),
             body_timeout: http::BODY_TIMEOUT,
             proxy: crate::proxy::ProxyConfig::default(),
+            http: http::server::Limits::default(),
         }
     }
 }
@@ -135,12 +141,9 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         pods: manager.pods(),
         workers: manager.workers(),
         metrics,
-        tokenizer: cfg
-            .tokenizer
-            .as_ref()
-            .map(|t| Tokenizer::new(&t.endpoint, opts.tokenizer_timeout)),
+        tokenizer: Tokenizer::new(opts.tokenizer_timeout, opts.tokenizer_max_response_bytes),
+        tokenizer_endpoint: cfg.tokenizer.as_ref().map(|t| t.endpoint.clone()),
         pod_tokenizer_port: opts.pod_tokenizer_port,
-        tokenizer_timeout: opts.tokenizer_timeout,
         body_timeout: opts.body_timeout,
         kv_sync: cfg.kv_sync,
         recent: Approx::new(
@@ -156,9 +159,8 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         selected: parking_lot::Mutex::default(),
         proxy: proxy.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("listening on {}", opts.listen))?;
+    let listener =
+        http::server::bind(opts.listen).with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr().context("local address")?;
     tracing::info!(%addr, "API listening");
     let stop = CancellationToken::new();
@@ -177,28 +179,24 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         }
     };
     let manager = manager.run(events, scopes, stop.clone());
-    // Responses go out at once (no Nagle delay behind a small write).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    // The server, the manager and the readiness log run in this one task and end with it.
+    let server = http::server::serve(
+        listener,
+        http::router(state.clone()),
+        opts.http,
+        state.metrics.api.server.clone(),
+        stop.clone(),
+    );
+    // The server, the manager, the load scraper and the readiness log run in this one task
+    // and end with it.
     let running_index = index.clone();
     let task = tokio::spawn(async move {
-        let (served, (), (), ()) = tokio::join!(
-            std::future::IntoFuture::into_future(server),
-            manager,
-            ready_log,
-            scraper
-        );
-        let served = served.context("HTTP server");
+        let ((), (), (), ()) = tokio::join!(server, manager, ready_log, scraper);
         if let Some(hub) = hub {
             hub.shutdown();
         }
         let s = index.stats();
         tracing::info!(blocks = s.blocks, workers = s.workers, "stopped");
-        served
+        Ok(())
     });
     Ok(Running {
         addr,

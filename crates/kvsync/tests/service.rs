@@ -723,3 +723,139 @@ async fn a_failed_subscription_is_shown_and_retried() {
     running.stop().await.expect("clean stop");
     passed(&file);
 }
+
+/// A test tokenizer on `ip:port` (port 0: any) that counts the connections it accepts and
+/// the requests it answers.
+async fn counting_tokenizer(
+    ip: &str,
+    port: u16,
+) -> (
+    SocketAddr,
+    std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let counts: std::sync::Arc<[AtomicUsize; 2]> = std::sync::Arc::default();
+    let listener = tokio::net::TcpListener::bind((ip, port))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (c1, c2) = (counts.clone(), counts.clone());
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+        c1[0].fetch_add(1, Relaxed);
+    });
+    let app = Router::new().route(
+        "/tokenize",
+        post(move |Json(req): Json<Value>| {
+            let c = c2.clone();
+            async move {
+                c[1].fetch_add(1, Relaxed);
+                let tokens: Vec<u32> = req["prompt"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                Json(json!({"count": tokens.len(), "max_model_len": 8192, "tokens": tokens}))
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, counts, task)
+}
+
+fn pod_at(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: ml\n  uid: {name}\n  labels:\n    model.aibrix.ai/kv-events-enabled: \"true\"\n    model.aibrix.ai/name: {MODEL}\nstatus:\n  phase: Running\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n"
+    )
+}
+
+/// Without a tokenizer endpoint, text is tokenized by the model's own pods: spread over them
+/// (each live one gets a share), over pooled connections (far fewer connections than
+/// requests), and a pod whose tokenizer refuses connections is skipped for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_tokenizers_are_spread_pooled_and_failed_over() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // Three pods on three loopback addresses, one port: a (first by name) has no tokenizer.
+    let (b_addr, b, _b) = counting_tokenizer("127.0.0.2", 0).await;
+    let port = b_addr.port();
+    let (_, c, _c) = counting_tokenizer("127.0.0.3", port).await;
+    let file = temp_file(
+        "pod-tokenizers",
+        &format!(
+            "{}---\n{}---\n{}",
+            pod_at("a", "127.0.0.4"),
+            pod_at("b", "127.0.0.2"),
+            pod_at("c", "127.0.0.3")
+        ),
+    );
+    let mut cfg = config(false, b_addr);
+    cfg.tokenizer = None;
+    let mut opts = options(file.clone());
+    opts.pod_tokenizer_port = port;
+    let (running, http) = start_listed(cfg, opts).await;
+    let n = 30;
+    for i in 0..n {
+        let (s, r) = http
+            .route(&json!({"model": MODEL, "prompt": format!("{i} 1 2 3")}))
+            .await;
+        assert_eq!(s, 200, "route {i}: {r}");
+    }
+    let conns_reqs =
+        |x: &[std::sync::atomic::AtomicUsize; 2]| (x[0].load(Relaxed), x[1].load(Relaxed));
+    let (b_conns, b_reqs) = conns_reqs(&b);
+    let (c_conns, c_reqs) = conns_reqs(&c);
+    assert_eq!(
+        b_reqs + c_reqs,
+        n,
+        "every text tokenized once by a live pod"
+    );
+    assert!(
+        b_reqs >= n / 4 && c_reqs >= n / 4,
+        "spread: b {b_reqs}, c {c_reqs}"
+    );
+    assert!(
+        b_conns + c_conns <= 4,
+        "pooled: {b_conns} + {c_conns} connections for {n} requests"
+    );
+    running.stop().await.expect("clean stop");
+    passed(&file);
+}
+
+/// A tokenizer answer over `tokenizer_max_response_bytes` is refused (502 naming the cap) and
+/// counted, not read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_tokenizer_answer_is_refused_and_counted() {
+    let (addr, _, _t) = counting_tokenizer("127.0.0.1", 0).await;
+    let file = temp_file("tok-cap", &pod_at("a", "127.0.0.1"));
+    let mut opts = options(file.clone());
+    opts.tokenizer_max_response_bytes = 16 << 10;
+    let (running, http) = start_listed(config(false, addr), opts).await;
+    // ~2 bytes per token in the answer: 4 000 tokens fit, 20 000 do not.
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "prompt": "1 ".repeat(4_000)}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "prompt": "1 ".repeat(20_000)}))
+        .await;
+    assert_eq!(s, 502, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("larger than 16384 bytes"),
+        "{r}"
+    );
+    let (_, text) = http.call("GET", "/metrics", Vec::new()).await;
+    let text = String::from_utf8(text).expect("utf-8");
+    assert!(
+        text.lines()
+            .any(|l| l == "kvsync_tokenizer_oversized_total 1"),
+        "{text}"
+    );
+    running.stop().await.expect("clean stop");
+    passed(&file);
+}

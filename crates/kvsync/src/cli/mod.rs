@@ -51,6 +51,10 @@ enum Command {
         /// Timeout of a remote tokenizer request, in milliseconds.
         #[arg(long, env = "KVSYNC_TOKENIZER_TIMEOUT_MS", default_value_t = 5000)]
         tokenizer_timeout_ms: u64,
+        /// Largest remote tokenizer answer read, in MiB (a larger one is refused: 502).
+        #[arg(long, env = "KVSYNC_TOKENIZER_MAX_RESPONSE_MIB", default_value_t = 32,
+              value_parser = clap::value_parser!(u64).range(1..=4096))]
+        tokenizer_max_response_mib: u64,
         /// A pod's own /tokenize port, used when AIBRIX_REMOTE_TOKENIZER_ENDPOINT is unset.
         #[arg(long, env = "KVSYNC_POD_TOKENIZER_PORT", default_value_t = 8000)]
         pod_tokenizer_port: u16,
@@ -66,6 +70,19 @@ enum Command {
         routed_ttl_ms: u64,
         #[command(flatten)]
         proxy: ProxyFlags,
+        /// Most HTTP connections open at once; more wait in the accept backlog.
+        #[arg(long, env = "KVSYNC_HTTP_MAX_CONNECTIONS", default_value_t = 4096,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        http_max_connections: u32,
+        /// Milliseconds a connection may take to send a whole request head, from its opening or
+        /// its previous answer (so also the keep-alive idle timeout); then it is closed.
+        #[arg(long, env = "KVSYNC_HTTP_HEADER_TIMEOUT_MS", default_value_t = 30_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        http_header_timeout_ms: u64,
+        /// Most requests answered on one connection (the last answer says `connection: close`).
+        #[arg(long, env = "KVSYNC_HTTP_MAX_REQUESTS_PER_CONNECTION", default_value_t = 10_000,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        http_max_requests_per_connection: u64,
     },
     /// Start a fleet of simulated vLLM engines and `kvsync serve` on them, send a load of
     /// multi-turn conversations routed by each policy in turn, and print the engines' real
@@ -257,11 +274,15 @@ pub fn main() -> Result<()> {
             index_max_mib,
             listen,
             tokenizer_timeout_ms,
+            tokenizer_max_response_mib,
             pod_tokenizer_port,
             approx_ttl_s,
             approx_block_size,
             routed_ttl_ms,
             proxy,
+            http_max_connections,
+            http_header_timeout_ms,
+            http_max_requests_per_connection,
         } => {
             let parsed = match crate::config::from_process_env() {
                 Ok(p) => p,
@@ -281,12 +302,18 @@ pub fn main() -> Result<()> {
                 pods_interval: Duration::from_millis(pods_interval_ms),
                 index_max_bytes: index_max_mib << 20,
                 tokenizer_timeout: Duration::from_millis(tokenizer_timeout_ms),
+                tokenizer_max_response_bytes: (tokenizer_max_response_mib as usize) << 20,
                 pod_tokenizer_port,
                 approx_ttl: Duration::from_secs(approx_ttl_s),
                 approx_block_size,
                 routed_ttl: Duration::from_millis(routed_ttl_ms),
                 body_timeout: crate::http::BODY_TIMEOUT,
                 proxy: proxy.config()?,
+                http: crate::http::server::Limits {
+                    max_connections: http_max_connections as usize,
+                    header_timeout: Duration::from_millis(http_header_timeout_ms),
+                    max_requests_per_connection: http_max_requests_per_connection,
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

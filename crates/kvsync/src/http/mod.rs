@@ -7,12 +7,15 @@
 //! - [`request`]: parsing a route request (a fast path for gateway shapes, serde otherwise);
 //! - `route`: the `/v1/route` handler: parse, tokenize, ask the index, let `crate::route`
 //!   choose;
-//! - `answer`: the route answer's JSON.
+//! - `answer`: the route answer's JSON;
+//! - [`server`]: the accept loop and connection limits (header timeout, connection cap,
+//!   requests per connection).
 
 mod answer;
 mod body;
 pub mod request;
 mod route;
+pub mod server;
 
 use crate::manager::{PodTable, WorkerTable};
 use crate::metrics::Metrics;
@@ -40,11 +43,13 @@ pub struct AppState {
     pub pods: PodTable,
     pub workers: WorkerTable,
     pub metrics: Metrics,
-    /// The configured remote tokenizer, if any.
-    pub tokenizer: Option<Tokenizer>,
+    /// The `/tokenize` client (pooled connections to every tokenizer it asks).
+    pub tokenizer: Tokenizer,
+    /// The configured remote tokenizer (`http://host:port`), if any; otherwise the model's
+    /// own pods are asked.
+    pub tokenizer_endpoint: Option<String>,
     /// Port of a pod's own `/tokenize` when no tokenizer is configured.
     pub pod_tokenizer_port: u16,
-    pub tokenizer_timeout: Duration,
     /// How long a request body may take to arrive (a stalled client does not hold a handler).
     pub body_timeout: Duration,
     /// Whether the index is fed by KV events (otherwise `recent` is the only knowledge).

@@ -7,7 +7,7 @@ use super::body::read_body;
 use super::request::{self, RouteRequest, TokenIds};
 use super::{error, AppState};
 use crate::route::{self as choice, cost, Candidate, WorkerRef};
-use crate::tokenize::{Text, Tokenizer};
+use crate::tokenize::Text;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -24,14 +24,21 @@ fn unknown_model(model: &str) -> Response {
     )
 }
 
-/// The address of an eligible pod serving `model`, if there is one.
-fn pod_of(s: &AppState, model: &str) -> Option<String> {
+/// The `/tokenize` bases of the eligible (so Ready) pods serving `model`, by pod name.
+fn pod_tokenizers(s: &AppState, model: &str) -> Vec<String> {
     s.pods
         .read()
         .values()
         .filter_map(|v| v.info.target.as_ref().ok())
-        .find(|t| t.model == model)
-        .map(|t| t.ip.clone())
+        .filter(|t| t.model == model)
+        .map(|t| {
+            if t.ip.contains(':') {
+                format!("http://[{}]:{}", t.ip, s.pod_tokenizer_port)
+            } else {
+                format!("http://{}:{}", t.ip, s.pod_tokenizer_port)
+            }
+        })
+        .collect()
 }
 
 pub(super) async fn route(
@@ -116,12 +123,9 @@ pub(super) async fn route(
             _ => return error(StatusCode::BAD_REQUEST, "`token_ids` is empty"),
         },
         Some(text) => {
-            // Text is tokenized by one of the model's engines (token ids need no pod here:
-            // `decide` lists the model's pods once).
-            let Some(pod_ip) = pod_of(&s, model) else {
-                return unknown_model(model);
-            };
-            match tokenize(&s, model, &pod_ip, text).await {
+            // Text is tokenized by the configured tokenizer or by the model's engines (token
+            // ids need no pod here: `decide` lists the model's pods once).
+            match tokenize(&s, model, text).await {
                 Ok(t) => t,
                 Err((status, msg)) => return error(status, msg),
             }
@@ -290,31 +294,27 @@ fn answer(
         .into_response()
 }
 
-/// Tokenizes with the configured tokenizer, or a ready pod of the model; an error is the
+/// Tokenizes with the configured tokenizer, or the model's ready pods in turn; an error is the
 /// status and message to answer.
 pub(crate) async fn tokenize(
     s: &AppState,
     model: &str,
-    ip: &str,
     text: Text<'_>,
 ) -> Result<Vec<u32>, (StatusCode, String)> {
-    let pod_tokenizer;
-    let t = match &s.tokenizer {
-        Some(t) => t,
+    let tokens = match &s.tokenizer_endpoint {
+        Some(base) => s.tokenizer.tokenize(base, model, text).await,
         None => {
-            let host = if ip.contains(':') {
-                format!("[{ip}]")
-            } else {
-                ip.to_owned()
-            };
-            pod_tokenizer = Tokenizer::new(
-                &format!("http://{host}:{}", s.pod_tokenizer_port),
-                s.tokenizer_timeout,
-            );
-            &pod_tokenizer
+            let pods = pod_tokenizers(s, model);
+            if pods.is_empty() {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("unknown model {model:?}: no eligible pod serves it"),
+                ));
+            }
+            s.tokenizer.tokenize_any(&pods, model, text).await
         }
     };
-    match t.tokenize(model, text).await {
+    match tokens {
         Ok(tokens) if !tokens.is_empty() => Ok(tokens),
         Ok(_) => Err((
             StatusCode::BAD_REQUEST,
@@ -322,6 +322,9 @@ pub(crate) async fn tokenize(
         )),
         Err(e) => {
             s.metrics.api.tokenizer_errors.inc();
+            if matches!(e, crate::tokenize::TokenizeError::TooLarge { .. }) {
+                s.metrics.api.tokenizer_oversized.inc();
+            }
             Err((StatusCode::BAD_GATEWAY, format!("tokenizer failed: {e}")))
         }
     }

@@ -369,13 +369,13 @@ async fn forward(s: &AppState, endpoint: Endpoint, headers: HeaderMap, body: Bod
             format!("The model `{name}` does not exist: no eligible pod serves it."),
         )
     };
-    let Some((model, lora, ip)) = resolve(s, name) else {
+    let Some((model, lora, _ip)) = resolve(s, name) else {
         return no_pod();
     };
     let tokens = match prompt {
         Prompt::Tokens(t) => t,
         Prompt::None => Vec::new(),
-        Prompt::Text(text) => match crate::http::tokenize(s, name, &ip, text).await {
+        Prompt::Text(text) => match crate::http::tokenize(s, name, text).await {
             Ok(t) => t,
             Err((_, msg)) => {
                 // Routed on load alone rather than refused: the engine tokenizes for itself.
