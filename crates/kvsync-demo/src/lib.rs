@@ -14,6 +14,7 @@
 //! - `config`: [`DemoConfig`], [`Policy`]; `workload`: the conversations;
 //! - `fleet`: the engines and their tokenizer; `service`: a `serve` child and its metrics;
 //! - `policy`: one policy's run; `report`: the figures and the table;
+//! - [`serving`]: `kvsync demo`, time to first token policy by policy on the simulator's fleet;
 //! - [`bench`]: `kvsync bench`, the OpenAI load generator (workloads, streamed client, summary).
 
 pub mod bench;
@@ -22,6 +23,7 @@ mod fleet;
 mod policy;
 mod report;
 mod service;
+pub mod serving;
 mod workload;
 
 pub use config::{DemoConfig, Policy, MODEL};

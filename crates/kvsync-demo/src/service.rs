@@ -99,6 +99,19 @@ impl Service {
         pods: usize,
         log: PathBuf,
     ) -> Result<Service> {
+        Service::start_with(bin, pods_file, kv_sync, tokenizer, pods, log, &[]).await
+    }
+
+    /// [`Service::start`] with more `serve` arguments.
+    pub async fn start_with(
+        bin: &Path,
+        pods_file: &Path,
+        kv_sync: bool,
+        tokenizer: SocketAddr,
+        pods: usize,
+        log: PathBuf,
+        extra: &[String],
+    ) -> Result<Service> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .context("finding a free port")?
@@ -122,6 +135,7 @@ impl Service {
             .arg(pods_file)
             .arg("--pods-interval-ms")
             .arg("200")
+            .args(extra)
             .env("AIBRIX_KV_EVENT_SYNC_ENABLED", kv_sync.to_string())
             .env("AIBRIX_USE_REMOTE_TOKENIZER", "true")
             .env("AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE", "remote")

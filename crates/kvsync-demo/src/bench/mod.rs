@@ -231,6 +231,15 @@ async fn first_model(url: &str) -> Result<String> {
 
 /// Runs every load of `cfg` in turn on the same requests; one summary per load.
 pub async fn run(cfg: &BenchConfig) -> Result<Vec<Summary>> {
+    Ok(run_detailed(cfg)
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect())
+}
+
+/// [`run`], with each load's records (text dropped) beside its summary.
+pub async fn run_detailed(cfg: &BenchConfig) -> Result<Vec<(Summary, Vec<Record>)>> {
     let Some(first_url) = cfg.urls.first() else {
         bail!("no --url");
     };
@@ -267,7 +276,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<Summary>> {
             }
             w.flush().context("writing --out")?;
         }
-        summaries.push(Summary::of(&records, wall, rate));
+        summaries.push((Summary::of(&records, wall, rate), records));
     }
     Ok(summaries)
 }

@@ -84,51 +84,11 @@ enum Command {
               value_parser = clap::value_parser!(u64).range(1..))]
         http_max_requests_per_connection: u64,
     },
-    /// Start a fleet of simulated vLLM engines and `kvsync serve` on them, send a load of
-    /// multi-turn conversations routed by each policy in turn, and print the engines' real
-    /// prefix-cache hit rates, event lag, CPU per million blocks and index size.
-    Demo {
-        /// Simulated engines (pods).
-        #[arg(long, default_value_t = 8)]
-        engines: usize,
-        /// KV cache blocks per engine (16 tokens each).
-        #[arg(long, default_value_t = 512)]
-        blocks: usize,
-        /// Conversations in the load.
-        #[arg(long, default_value_t = 1000)]
-        conversations: usize,
-        /// Most turns in a conversation.
-        #[arg(long, default_value_t = 6)]
-        max_turns: usize,
-        /// Shared system prompts.
-        #[arg(long, default_value_t = 24)]
-        system_prompts: usize,
-        /// Tokens in a system prompt.
-        #[arg(long, default_value_t = 1024)]
-        system_prompt_tokens: usize,
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 32)]
-        clients: usize,
-        /// kvsync replicas (like gateway replicas): client c asks replica c % N.
-        #[arg(long, default_value_t = 2)]
-        replicas: usize,
-        /// Simulated prefill time per prompt token not in the cache, microseconds.
-        #[arg(long, default_value_t = 2)]
-        prefill_us_per_token: u64,
-        /// Simulated decode time per output token, microseconds.
-        #[arg(long, default_value_t = 200)]
-        decode_us_per_token: u64,
-        /// Seed of the load.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Policies to run, comma-separated (kvsync, approximate, round_robin, random, oracle).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "kvsync,approximate,round_robin,random,oracle"
-        )]
-        policies: Vec<String>,
-    },
+    /// The embedded default: a simulated vLLM fleet, `kvsync serve` replicas in the request
+    /// path (or the fleet's oracle), and the same open-loop chat load per routing policy, each
+    /// on a fresh fleet; prints time to first token, inter-token latency, throughput, prefix
+    /// hit and the busiest engine's share per policy.
+    Demo(kvsync_demo::serving::DemoArgs),
     /// Send an OpenAI-compatible load (streamed, prefix-heavy) to --url and print TTFT,
     /// inter-token latency, throughput, prefix hit and the busiest pod's share.
     Bench(kvsync_demo::bench::BenchArgs),
@@ -324,50 +284,24 @@ pub fn main() -> Result<()> {
                 crate::serve::run(parsed.config, opts, stop).await
             })
         }
-        Command::Demo {
-            engines,
-            blocks,
-            conversations,
-            max_turns,
-            system_prompts,
-            system_prompt_tokens,
-            clients,
-            replicas,
-            prefill_us_per_token,
-            decode_us_per_token,
-            seed,
-            policies,
-        } => {
-            let mut cfg = kvsync_demo::DemoConfig::new(
+        Command::Demo(args) => {
+            let plot = args.plot.clone();
+            let cfg = kvsync_demo::serving::ServingConfig::new(
                 std::env::current_exe().context("locating the kvsync binary")?,
-            );
-            cfg.engines = engines;
-            cfg.blocks_per_engine = blocks;
-            cfg.conversations = conversations;
-            cfg.max_turns = max_turns;
-            cfg.system_prompts = system_prompts;
-            cfg.system_prompt_tokens = system_prompt_tokens;
-            cfg.clients = clients;
-            cfg.replicas = replicas;
-            cfg.prefill_us_per_token = prefill_us_per_token;
-            cfg.decode_us_per_token = decode_us_per_token;
-            cfg.seed = seed;
-            cfg.policies = policies
-                .iter()
-                .map(|p| {
-                    kvsync_demo::Policy::parse(p).with_context(|| format!("unknown policy {p:?}"))
-                })
-                .collect::<Result<_>>()?;
-            if engines == 0 || system_prompts == 0 || clients == 0 || replicas == 0 || blocks < 2 {
-                bail!("--engines, --system-prompts, --clients and --replicas must be positive, --blocks at least 2");
-            }
+                args,
+            )?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            let report = rt.block_on(kvsync_demo::run(&cfg))?;
-            eprintln!("(logs and pod files: {})", cfg.work_dir.display());
+            let report = rt.block_on(kvsync_demo::serving::run(&cfg))?;
+            eprintln!("(logs, pod files and requests: {})", cfg.work_dir.display());
             print!("{}", report.render());
+            if let Some(p) = plot {
+                std::fs::write(&p, report.svg())
+                    .with_context(|| format!("writing {}", p.display()))?;
+                eprintln!("(plot: {})", p.display());
+            }
             Ok(())
         }
         Command::Bench(args) => {
