@@ -145,6 +145,22 @@ fn a_stopped_or_dropped_service_leaves_no_thread_and_no_task() {
             let mut idle = tokio::net::TcpStream::connect(running.addr)
                 .await
                 .expect("connect");
+            // Accepted, not still in the kernel's backlog (where dropping the listener resets
+            // it): the server counts it beside the scrape's own connection.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let (_, text) = get(running.addr, "/metrics").await;
+                let open = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("kvsync_http_connections "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                if open >= 2.0 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the idle connection is never accepted");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let addr = running.addr;
             if how == "stopped" {
                 running.stop().await.expect("clean stop");
