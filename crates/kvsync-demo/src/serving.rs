@@ -134,6 +134,9 @@ pub struct DemoArgs {
         default_value = "kv-aware,prefix,approximate,least-load,round-robin,oracle"
     )]
     pub policies: Vec<String>,
+    /// An extra argument for every `kvsync serve` (repeat; e.g. `--serve-arg=--prefill-us-per-token=250`).
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    pub serve_args: Vec<String>,
     /// Draw each policy's TTFT distribution (CDF) to this SVG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -305,7 +308,7 @@ async fn drive(
                     fleet.engine(0).http_addr(),
                     fleet.len(),
                     dir.join(format!("serve-{r}.log")),
-                    &["--policy".to_owned(), flag.to_owned()],
+                    &[&["--policy".to_owned(), flag.to_owned()], &a.serve_args[..]].concat(),
                 )
                 .await?;
                 services.push(svc);

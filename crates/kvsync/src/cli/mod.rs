@@ -133,7 +133,7 @@ struct ProxyFlags {
     #[arg(long, env = "KVSYNC_POLICY", default_value = "kv-aware")]
     policy: crate::route::cost::Policy,
     /// kv-aware: microseconds to prefill one uncached prompt token.
-    #[arg(long, env = "KVSYNC_PREFILL_US_PER_TOKEN", default_value_t = 50.0)]
+    #[arg(long, env = "KVSYNC_PREFILL_US_PER_TOKEN", default_value_t = 250.0)]
     prefill_us_per_token: f64,
     /// kv-aware: milliseconds one waiting request (scraped, beyond this replica's) adds.
     #[arg(long, env = "KVSYNC_WAITING_REQUEST_MS", default_value_t = 50.0)]

@@ -114,7 +114,7 @@ pub struct Weights {
 impl Default for Weights {
     fn default() -> Weights {
         Weights {
-            prefill_per_token: 50e-6,
+            prefill_per_token: 250e-6,
             waiting_request: 0.05,
             running_request: 0.002,
             kv_usage: 0.0,
