@@ -164,9 +164,10 @@ impl ServingConfig {
         if args.engines == 0 || args.replicas == 0 || args.system_prompts == 0 {
             bail!("--engines, --replicas and --system-prompts must be positive");
         }
-        if !(args.speed > 0.0 && args.speed.is_finite())
-            || !(args.duration > 0.0 && args.duration.is_finite())
-            || !(args.load > 0.0 && args.load.is_finite())
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        if ![args.speed, args.duration, args.load]
+            .into_iter()
+            .all(positive)
         {
             bail!("--speed, --duration and --load must be positive");
         }

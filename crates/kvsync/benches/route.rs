@@ -327,7 +327,18 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
     }
     let stats = index.stats();
     let workers = WorkerTable::default();
-    let mut metrics = Metrics::new(index.clone(), Arc::default(), workers.clone());
+    // As `kvsync serve` by default: decisions count for 2 s, in 64 MiB.
+    let recent = Arc::new(kvsync::route::approx::Approx::new(
+        Duration::from_secs(2),
+        BS,
+        64 << 20,
+    ));
+    let mut metrics = Metrics::new(
+        index.clone(),
+        Arc::default(),
+        workers.clone(),
+        recent.clone(),
+    );
     let proxy = Arc::new(kvsync::proxy::Proxy::new(
         kvsync::proxy::ProxyConfig::default(),
         &mut metrics.registry,
@@ -346,8 +357,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         pod_tokenizer_port: 8000,
         body_timeout: kvsync::http::BODY_TIMEOUT,
         kv_sync: true,
-        // As `kvsync serve` by default: decisions count for 2 s.
-        recent: kvsync::route::approx::Approx::new(Duration::from_secs(2), BS, 1 << 22),
+        recent,
         ready,
         selected: parking_lot::Mutex::default(),
         proxy,

@@ -181,7 +181,8 @@ pub(crate) fn decide<R>(
     } else {
         Default::default()
     };
-    let recent = s.recent.lookup(&chain);
+    let now = Instant::now();
+    let recent = s.recent.lookup(&chain, now);
     s.metrics
         .api
         .lookup_seconds
@@ -235,7 +236,7 @@ pub(crate) fn decide<R>(
         }
         best
     };
-    s.recent.record(&chain, &chosen);
+    s.recent.record(&chain, &chosen, now);
     let decisions = &s.metrics.api.decisions;
     match list[0].rank() {
         0 => &decisions.miss,
