@@ -443,7 +443,12 @@ mod tests {
     fn a_shared_hub_shut_down_from_one_handle_ends_its_threads() {
         let hub = Arc::new(Hub::start().expect("hub"));
         let other = hub.clone();
-        assert!(!hub_threads().is_empty(), "the poller and libzmq's threads");
+        // A new thread names itself once it runs (and libzmq's start with its first socket).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hub_threads().is_empty() {
+            assert!(Instant::now() < deadline, "the poller's thread never appeared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         hub.shutdown();
         // A joined thread can linger in /proc for a moment after its join returns.
         let deadline = Instant::now() + Duration::from_secs(10);
