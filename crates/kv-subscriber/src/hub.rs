@@ -446,7 +446,10 @@ mod tests {
         // A new thread names itself once it runs (and libzmq's start with its first socket).
         let deadline = Instant::now() + Duration::from_secs(10);
         while hub_threads().is_empty() {
-            assert!(Instant::now() < deadline, "the poller's thread never appeared");
+            assert!(
+                Instant::now() < deadline,
+                "the poller's thread never appeared"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         hub.shutdown();
