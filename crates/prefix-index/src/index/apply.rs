@@ -15,8 +15,10 @@ impl State {
         if let Some(&w) = self.worker_ids.get(id) {
             return Some(w);
         }
-        // Blocks keep a worker index in 16 bits.
-        if self.worker_ids.len() >= cfg.max_workers.min(crate::types::MAX_WORKERS) {
+        // Blocks keep a worker index in 16 bits (retired workers hold theirs until released).
+        if self.worker_ids.len() >= cfg.max_workers.min(crate::types::MAX_WORKERS)
+            || !self.worker_slot_free()
+        {
             return None;
         }
         let wk = Worker {
@@ -357,6 +359,7 @@ impl State {
             .collect();
         self.worker_blocks -= entries.len();
         self.bytes -= entries.len() * ENGINE_COST;
+        self.stats.longest_hold = self.stats.longest_hold.max(entries.len() as u64);
         for v in &entries {
             let (c, slot) = unpack(*v);
             self.drop_holder(c, slot, w);

@@ -4,9 +4,17 @@
 //! lock and marks recency through an atomic flag, so readers never wait behind more than one
 //! event and a worker's events are applied in the order they are given.
 //!
+//! A worker's clear or removal of more than [`IndexConfig::reclaim_chunk`] entries does not
+//! hold the lock for all of them: the worker's index is retired in one short write (lookups
+//! skip a retired worker from then on; a cleared worker's id gets a fresh index, so its next
+//! events apply at once) and its entries are released a chunk per write (`reclaim`), the lock
+//! released between chunks: by the removal's caller until done, and a little after each
+//! apply. Ingestion waits behind at most one chunk.
+//!
 //! This module holds the public [`Index`], the `State` behind its lock and the per-worker
 //! engine-hash tables; the state's jobs are in `apply` (stores, removals, clears), `lookup`
-//! (a query's walk), `evict` (the budget) and `invariants` (the from-scratch check).
+//! (a query's walk), `evict` (the budget), `reclaim` (retired workers) and `invariants` (the
+//! from-scratch check).
 
 use crate::context::{Context, Holder, NIL};
 use crate::hash::{context_root, ChainHasher};
@@ -55,6 +63,16 @@ impl hashbrown::Equivalent<(String, Option<String>)> for ContextRef<'_> {
     }
 }
 
+/// A retired worker whose entries are being released.
+#[derive(Debug, Clone, Copy)]
+struct Retired {
+    w: u32,
+    /// Cursor in the engine table being drained.
+    pos: usize,
+    /// Removed (not cleared): contexts left empty go when it is done.
+    forget: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     contexts: Vec<Option<Context>>,
@@ -68,6 +86,10 @@ struct State {
     hasher: ChainHasher,
     /// Router hashes of the run being stored (reused between events).
     scratch: Vec<u64>,
+    /// Retired workers (in `workers`, not in `worker_ids`), released by `reclaim`.
+    retired: Vec<Retired>,
+    /// Entries of the chunk being released (reused).
+    drained: Vec<u64>,
 }
 
 /// The sync prefix hash index. Cheap to share: wrap it in an `Arc`.
@@ -107,45 +129,65 @@ impl Index {
             Event::BlockStored(s) => st.store(&self.cfg, w, source, s, tick),
             Event::BlockRemoved(r) => st.remove(w, r),
             Event::AllBlocksCleared => Applied {
-                removed: st.clear_worker(w),
+                removed: st.clear_or_retire(&self.cfg, w),
                 ..Applied::default()
             },
         };
         st.enforce_budget(&self.cfg);
+        if !st.retired.is_empty() {
+            // A little of the retired workers' release with each apply.
+            st.reclaim((self.cfg.reclaim_chunk / 8).max(1));
+        }
         out
     }
 
-    /// Drops everything `worker` holds and forgets it. Returns the blocks it held.
+    /// Drops everything `worker` holds and forgets it. Returns the blocks it held. Lookups
+    /// stop reporting it at once; its entries are released a chunk per hold of the lock
+    /// (this call returns when they all are, with those of any other retired worker).
     pub fn remove_worker(&self, worker: &WorkerId) -> u32 {
-        let mut st = self.state.write();
-        let Some(&w) = st.worker_ids.get(worker) else {
-            return 0;
+        let n = {
+            let mut st = self.state.write();
+            let Some(w) = st.worker_ids.remove(worker) else {
+                return 0;
+            };
+            st.retired.push(Retired {
+                w,
+                pos: 0,
+                forget: true,
+            });
+            st.workers[w as usize]
+                .as_ref()
+                .map_or(0, Worker::engine_len)
         };
-        let n = st.clear_worker(w);
-        st.worker_ids.remove(worker);
-        st.workers[w as usize] = None;
-        st.bytes -= WORKER_COST;
-        // Contexts left without a block go too (their block size is learned again).
-        let empty: Vec<u32> = st
-            .contexts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.len() == 0))
-            .map(|(i, _)| i as u32)
-            .collect();
-        for c in empty {
-            st.drop_context(c);
+        // Between chunks, the lock goes to a waiting writer (`reclaim` unlocks fairly) and
+        // this thread lets others run: ingestion goes on while a big worker is released.
+        while self.reclaim() {
+            std::thread::yield_now();
         }
-        n
+        n as u32
     }
 
     /// Drops everything `worker` holds but keeps it known (a reset after a gap or restart).
+    /// Returns at once: more than a chunk of entries is retired and released later.
     pub fn clear_worker(&self, worker: &WorkerId) -> u32 {
         let mut st = self.state.write();
         match st.worker_ids.get(worker) {
-            Some(&w) => st.clear_worker(w),
+            Some(&w) => st.clear_or_retire(&self.cfg, w),
             None => 0,
         }
+    }
+
+    /// Releases one chunk of the retired workers' entries under the write lock, then hands
+    /// the lock to a waiting thread if any. Returns whether entries are left to release.
+    /// Applies and removals call it; a shell may call it when idle.
+    pub fn reclaim(&self) -> bool {
+        let mut st = self.state.write();
+        if st.retired.is_empty() {
+            return false;
+        }
+        let more = st.reclaim(self.cfg.reclaim_chunk);
+        parking_lot::RwLockWriteGuard::unlock_fair(st);
+        more
     }
 
     /// How many blocks `worker` holds (on any tier), if it is known.
@@ -232,6 +274,7 @@ impl Index {
             blocks: st.blocks,
             worker_blocks: st.worker_blocks,
             bytes: st.bytes,
+            retiring: st.retired.len(),
             ..st.stats
         }
     }
@@ -331,3 +374,4 @@ mod apply;
 mod evict;
 mod invariants;
 mod lookup;
+mod reclaim;
