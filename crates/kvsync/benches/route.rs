@@ -326,7 +326,18 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
     }
     let stats = index.stats();
     let workers = WorkerTable::default();
-    let metrics = Metrics::new(index.clone(), Arc::default(), workers.clone());
+    // As `kvsync serve` by default: decisions count for 2 s, in 64 MiB.
+    let recent = Arc::new(kvsync::route::approx::Approx::new(
+        Duration::from_secs(2),
+        BS,
+        64 << 20,
+    ));
+    let metrics = Metrics::new(
+        index.clone(),
+        Arc::default(),
+        workers.clone(),
+        recent.clone(),
+    );
     let (_tx, ready) = tokio::sync::watch::channel(true);
     let state = Arc::new(AppState {
         index: index.clone(),
@@ -338,8 +349,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         tokenizer_timeout: Duration::from_secs(1),
         body_timeout: kvsync::http::BODY_TIMEOUT,
         kv_sync: true,
-        // As `kvsync serve` by default: decisions count for 2 s.
-        recent: kvsync::route::approx::Approx::new(Duration::from_secs(2), BS, 1 << 22),
+        recent,
         ready,
         selected: parking_lot::Mutex::default(),
     });

@@ -3,6 +3,7 @@
 //! counters at scrape time, so per-worker series exist exactly while the worker does.
 
 use crate::manager::{ManagerStats, WorkerTable};
+use crate::route::approx::Approx;
 use prefix_index::Index;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -42,7 +43,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(index: Arc<Index>, stats: Arc<ManagerStats>, workers: WorkerTable) -> Metrics {
+    pub fn new(
+        index: Arc<Index>,
+        stats: Arc<ManagerStats>,
+        workers: WorkerTable,
+        recent: Arc<Approx>,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("kvsync");
         let route_decisions: Family<Vec<(String, String)>, Counter> = Family::default();
         let bucket = |b: &str| {
@@ -94,6 +100,7 @@ impl Metrics {
             index,
             stats,
             workers,
+            recent,
         }));
         Metrics { registry, api }
     }
@@ -112,6 +119,7 @@ struct Collector {
     index: Arc<Index>,
     stats: Arc<ManagerStats>,
     workers: WorkerTable,
+    recent: Arc<Approx>,
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -319,6 +327,25 @@ impl prometheus_client::collector::Collector for Collector {
             "index_orphans",
             "Stores whose parent was unknown",
             st.orphans,
+        )?;
+        let r = &self.recent;
+        gauge(
+            &mut e,
+            "recent_bytes",
+            "Bytes of the recent routing decisions (the approximate index), within its budget",
+            r.bytes() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "recent_blocks",
+            "Block hashes the recent routing decisions remember",
+            r.len() as i64,
+        )?;
+        counter(
+            &mut e,
+            "recent_evictions",
+            "Recent routing decisions forgotten before their TTL to make room",
+            r.evicted_live(),
         )?;
         Ok(())
     }

@@ -33,6 +33,9 @@ pub struct Options {
     /// Approximate mode (KV sync off): how long a routing decision counts as cached.
     pub approx_ttl: Duration,
     pub approx_block_size: usize,
+    /// Bytes of the recent decisions ([`Approx`]), taken out of `index_max_bytes`: the two
+    /// share one memory budget.
+    pub approx_max_bytes: usize,
     /// KV sync on: how long a routing decision counts as cached while its events are on the
     /// way (0: rank by announced blocks only).
     pub routed_ttl: Duration,
@@ -52,6 +55,7 @@ impl Default for Options {
             pod_tokenizer_port: 8000,
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,
+            approx_max_bytes: 64 << 20,
             routed_ttl: Duration::from_secs(2),
             body_timeout: http::BODY_TIMEOUT,
         }
@@ -79,9 +83,15 @@ impl Running {
 
 /// Starts everything; returns once the API listens.
 pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
+    anyhow::ensure!(
+        opts.approx_max_bytes < opts.index_max_bytes,
+        "the recent decisions' budget ({} bytes) must be below the index budget ({} bytes), which includes it",
+        opts.approx_max_bytes,
+        opts.index_max_bytes
+    );
     let index = Arc::new(Index::new(
         IndexConfig::default()
-            .max_bytes(opts.index_max_bytes)
+            .max_bytes(opts.index_max_bytes - opts.approx_max_bytes)
             .max_contexts(cfg.max_contexts)
             .max_blocks_per_context(cfg.max_prefixes_per_context),
     ));
@@ -108,7 +118,21 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             (source::kubernetes(client, &opts.namespaces), n)
         }
     };
-    let metrics = Metrics::new(index.clone(), manager.stats(), manager.workers());
+    let recent = Arc::new(Approx::new(
+        if cfg.kv_sync {
+            opts.routed_ttl
+        } else {
+            opts.approx_ttl
+        },
+        opts.approx_block_size,
+        opts.approx_max_bytes,
+    ));
+    let metrics = Metrics::new(
+        index.clone(),
+        manager.stats(),
+        manager.workers(),
+        recent.clone(),
+    );
     let state = Arc::new(AppState {
         index: index.clone(),
         pods: manager.pods(),
@@ -122,15 +146,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         tokenizer_timeout: opts.tokenizer_timeout,
         body_timeout: opts.body_timeout,
         kv_sync: cfg.kv_sync,
-        recent: Approx::new(
-            if cfg.kv_sync {
-                opts.routed_ttl
-            } else {
-                opts.approx_ttl
-            },
-            opts.approx_block_size,
-            1 << 22,
-        ),
+        recent,
         ready: manager.ready(),
         selected: parking_lot::Mutex::default(),
     });

@@ -60,6 +60,10 @@ enum Command {
         /// Approximate routing: block size used to hash prompts.
         #[arg(long, env = "KVSYNC_APPROX_BLOCK_SIZE", default_value_t = 16)]
         approx_block_size: usize,
+        /// Memory of the recent routing decisions (the approximate index), in MiB, taken out
+        /// of --index-max-mib (one budget for both).
+        #[arg(long, env = "KVSYNC_APPROX_MAX_MIB", default_value_t = 64)]
+        approx_max_mib: usize,
         /// KV sync on: milliseconds a routing decision counts as cached until the pod's events
         /// announce it (0: rank by announced blocks only).
         #[arg(long, env = "KVSYNC_ROUTED_TTL_MS", default_value_t = 2000)]
@@ -168,6 +172,7 @@ pub fn main() -> Result<()> {
             pod_tokenizer_port,
             approx_ttl_s,
             approx_block_size,
+            approx_max_mib,
             routed_ttl_ms,
         } => {
             let parsed = match crate::config::from_process_env() {
@@ -191,6 +196,7 @@ pub fn main() -> Result<()> {
                 pod_tokenizer_port,
                 approx_ttl: Duration::from_secs(approx_ttl_s),
                 approx_block_size,
+                approx_max_bytes: approx_max_mib << 20,
                 routed_ttl: Duration::from_millis(routed_ttl_ms),
                 body_timeout: crate::http::BODY_TIMEOUT,
             };

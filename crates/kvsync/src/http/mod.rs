@@ -48,7 +48,7 @@ pub struct AppState {
     pub kv_sync: bool,
     /// Recent routing decisions: with KV sync, those whose events may not have arrived yet (a
     /// short TTL); without, the approximate index.
-    pub recent: Approx,
+    pub recent: Arc<Approx>,
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// When each worker was last selected (tie-breaking); bounded by the workers of the pods.
     pub selected: parking_lot::Mutex<hashbrown::HashMap<WorkerId, Instant>>,

@@ -158,7 +158,8 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
     } else {
         Default::default()
     };
-    let recent = s.recent.lookup(&chain);
+    let now = Instant::now();
+    let recent = s.recent.lookup(&chain, now);
     s.metrics
         .api
         .lookup_seconds
@@ -204,7 +205,7 @@ fn decide(s: &AppState, model: &str, lora: Option<&str>, tokens: &[u32]) -> Resp
         }
         best
     };
-    s.recent.record(&chain, &chosen);
+    s.recent.record(&chain, &chosen, now);
     let chosen = &list[0];
     let decisions = &s.metrics.api.decisions;
     match chosen.rank() {
