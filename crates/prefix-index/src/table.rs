@@ -172,6 +172,13 @@ impl SlotTable {
             }
             i = (i + 1) & mask;
         }
+        self.remove_at(i);
+        true
+    }
+
+    /// Removes the entry at position `i` (occupied).
+    fn remove_at(&mut self, i: usize) {
+        let mask = self.mask();
         // Backward-shift deletion: pull later entries of the run into the hole when their
         // home does not lie cyclically in (hole, their position].
         let mut hole = i;
@@ -196,7 +203,33 @@ impl SlotTable {
         self.entries[hole] = 0;
         self.len -= 1;
         self.epoch += 1;
-        true
+    }
+
+    /// Removes up to `max` entries, scanning from position `*pos` (a cursor the caller keeps
+    /// between calls; it wraps at the end), and hands each (fp, slot) to `f`. Returns how many
+    /// it removed. An entry shifted back behind the cursor (by this or another removal) is
+    /// found after the wrap, so repeated calls empty the table whatever happens between them.
+    pub fn drain_from(
+        &mut self,
+        pos: &mut usize,
+        max: usize,
+        mut f: impl FnMut(u32, u32),
+    ) -> usize {
+        let mut n = 0;
+        while n < max && self.len > 0 {
+            if *pos >= self.entries.len() {
+                *pos = 0;
+            }
+            let e = self.entries[*pos];
+            if e == 0 {
+                *pos += 1;
+                continue;
+            }
+            self.remove_at(*pos);
+            f(fp_of(e), slot_of(e));
+            n += 1;
+        }
+        n
     }
 
     /// Every (fingerprint, slot).
@@ -252,6 +285,43 @@ mod tests {
             }
             let all: BTreeSet<(u32, u32)> = t.iter().collect();
             prop_assert_eq!(all, model);
+        }
+    }
+
+    proptest! {
+        /// Draining in chunks, with removals and inserts between the chunks, hands out every
+        /// entry exactly once and leaves the table empty.
+        #[test]
+        fn drains_in_chunks_whatever_happens_between(
+            entries in proptest::collection::btree_set((0u32..8, 0u32..200), 0..150),
+            chunk in 1usize..20,
+            meddle in proptest::collection::vec((any::<bool>(), 0u32..8, 200u32..260), 0..40),
+        ) {
+            let mut t = SlotTable::default();
+            let mut model: BTreeSet<(u32, u32)> = entries.clone();
+            for &(fp, s) in &entries {
+                t.insert(fp, s);
+            }
+            let (mut pos, mut got) = (0usize, BTreeSet::new());
+            let mut meddle = meddle.into_iter();
+            while t.len() > 0 {
+                let n = t.drain_from(&mut pos, chunk, |fp, s| {
+                    assert!(got.insert((fp, s)), "handed out twice");
+                });
+                prop_assert!(n >= 1 && n <= chunk);
+                match meddle.next() {
+                    Some((true, fp, s)) if model.insert((fp, s)) => t.insert(fp, s),
+                    Some((false, _, _)) => {
+                        // Remove an entry not yet handed out, as an eviction would.
+                        if let Some(&(fp, s)) = model.iter().find(|e| !got.contains(*e)) {
+                            prop_assert!(t.remove(fp, s));
+                            model.remove(&(fp, s));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            prop_assert_eq!(got, model);
         }
     }
 

@@ -551,3 +551,77 @@ fn a_block_with_hundreds_of_children_counts_them_exactly() {
     index.remove_worker(&a);
     assert_eq!(index.stats().bytes, 0);
 }
+
+/// Issue 19 item 7: a worker holding many blocks is cleared (as after a gap) and removed (as
+/// when its pod goes) without holding the write lock for all of them at once — ingestion of
+/// every other worker waits at most for one chunk — while lookups never report the worker's
+/// old blocks and the index stays consistent throughout.
+#[test]
+fn a_big_workers_clear_and_removal_release_the_lock_between_chunks() {
+    let index = Arc::new(Index::new(
+        IndexConfig::default().max_blocks_per_context(1 << 20),
+    ));
+    let chunk = index.config().reclaim_chunk as u64;
+    assert!(chunk < 20_000);
+    let (big, small) = (WorkerId::new("big", 0), WorkerId::new("small", 0));
+    // 200 prompts of 100 blocks (20 000 blocks); `small` shares the first block of each.
+    let prompt = |p: u32| -> Vec<u32> { (0..400).map(|i| p * 1000 + i).collect() };
+    let fill = |w: &WorkerId| {
+        for p in 0..200u32 {
+            let hashes: Vec<u64> = (0..100).map(|b| u64::from(p) * 1000 + b).collect();
+            index.apply(w, SRC, &stored(None, &hashes, prompt(p), 4));
+        }
+    };
+    fill(&big);
+    for p in 0..200u32 {
+        let h = u64::from(p) * 1000 + 7_000_000;
+        index.apply(&small, SRC, &stored(None, &[h], prompt(p)[..4].to_vec(), 4));
+    }
+    assert_eq!(index.worker_blocks(&big), Some(20_000));
+
+    // A clear (on the poller thread, in the event order): the worker's blocks vanish from
+    // lookups at once; its next events apply at once.
+    assert_eq!(index.clear_worker(&big), 20_000);
+    assert_eq!(blocks_of(&index, &prompt(3), &big), 0);
+    assert_eq!(blocks_of(&index, &prompt(3), &small), 1);
+    index.apply(
+        &big,
+        SRC,
+        &stored(None, &[9_000_001, 9_000_002], prompt(5)[..8].to_vec(), 4),
+    );
+    assert_eq!(blocks_of(&index, &prompt(5), &big), 2);
+    index.check_invariants();
+    assert!(
+        index.stats().longest_hold <= chunk,
+        "a clear released {} entries under one hold of the lock",
+        index.stats().longest_hold
+    );
+
+    // A removal from another thread while this one looks up and checks: never a block of the
+    // removed worker, and never an inconsistent index.
+    fill(&big);
+    let remover = {
+        let (index, big) = (index.clone(), big.clone());
+        std::thread::spawn(move || index.remove_worker(&big))
+    };
+    let mut seen = 0;
+    while !remover.is_finished() {
+        let p = seen % 200;
+        let l = index.lookup("llama", None, &prompt(p));
+        let held = l.matches.iter().find(|m| m.worker == big).map(|m| m.blocks);
+        // Before the fence the worker may hold all 100 blocks; once fenced, none.
+        assert!(matches!(held, None | Some(100)), "half-removed: {held:?}");
+        index.check_invariants();
+        seen += 1;
+    }
+    assert!(remover.join().expect("remover") >= 20_000);
+    assert_eq!(index.worker_blocks(&big), None);
+    assert_eq!(blocks_of(&index, &prompt(7), &big), 0);
+    assert_eq!(index.stats().worker_blocks, 200);
+    index.check_invariants();
+    assert!(
+        index.stats().longest_hold <= chunk,
+        "a removal released {} entries under one hold of the lock",
+        index.stats().longest_hold
+    );
+}

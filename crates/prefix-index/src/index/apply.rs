@@ -21,11 +21,15 @@ impl State {
             Event::BlockStored(s) => self.store(cfg, w, source, s, tick),
             Event::BlockRemoved(r) => self.remove(w, r),
             Event::AllBlocksCleared => Applied {
-                removed: self.clear_worker(w),
+                removed: self.clear_or_retire(cfg, w),
                 ..Applied::default()
             },
         };
         self.enforce_budget(cfg);
+        if !self.retired.is_empty() {
+            // A little of the retired workers' release with each apply.
+            self.reclaim((cfg.reclaim_chunk / 8).max(1));
+        }
         out
     }
 
@@ -44,8 +48,10 @@ impl State {
         if let Some(&w) = self.worker_ids.get(id) {
             return Some(w);
         }
-        // Blocks keep a worker index in 16 bits.
-        if self.worker_ids.len() >= cfg.max_workers.min(crate::types::MAX_WORKERS) {
+        // Blocks keep a worker index in 16 bits (retired workers hold theirs until released).
+        if self.worker_ids.len() >= cfg.max_workers.min(crate::types::MAX_WORKERS)
+            || !self.worker_slot_free()
+        {
             return None;
         }
         let wk = Worker {
@@ -390,27 +396,20 @@ impl State {
         }
     }
 
-    /// Drops everything `worker` holds and forgets it; contexts left without a block go too
-    /// (their block size is learned again).
-    pub(super) fn remove_worker(&mut self, worker: &WorkerId) -> u32 {
-        let Some(&w) = self.worker_ids.get(worker) else {
+    /// Retires `worker` for good: lookups skip it at once, and `reclaim` releases its entries
+    /// (then forgets it and drops the contexts left without a block). Returns what it held.
+    pub(super) fn retire(&mut self, worker: &WorkerId) -> u32 {
+        let Some(w) = self.worker_ids.remove(worker) else {
             return 0;
         };
-        let n = self.clear_worker(w);
-        self.worker_ids.remove(worker);
-        self.workers[w as usize] = None;
-        self.bytes -= WORKER_COST;
-        let empty: Vec<u32> = self
-            .contexts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.len() == 0))
-            .map(|(i, _)| i as u32)
-            .collect();
-        for c in empty {
-            self.drop_context(c);
-        }
-        n
+        self.retired.push(Retired {
+            w,
+            pos: 0,
+            forget: true,
+        });
+        self.workers[w as usize]
+            .as_ref()
+            .map_or(0, Worker::engine_len) as u32
     }
 
     pub(super) fn clear_worker(&mut self, w: u32) -> u32 {
@@ -424,6 +423,7 @@ impl State {
             .collect();
         self.worker_blocks -= entries.len();
         self.bytes -= entries.len() * ENGINE_COST;
+        self.stats.longest_hold = self.stats.longest_hold.max(entries.len() as u64);
         for v in &entries {
             let (c, slot) = unpack(*v);
             self.drop_holder(c, slot, w);

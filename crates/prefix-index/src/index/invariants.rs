@@ -92,6 +92,27 @@ impl State {
                 );
             }
         }
+        for (id, &w) in &self.worker_ids {
+            let wk = self.workers[w as usize]
+                .as_ref()
+                .expect("a worker id's index is live");
+            assert_eq!(&wk.id, id, "worker id and index disagree");
+            assert!(
+                !self.is_retired(w),
+                "a known worker id maps to a retired index"
+            );
+        }
+        for r in &self.retired {
+            assert!(
+                self.workers[r.w as usize].is_some(),
+                "a retired worker is live"
+            );
+        }
+        assert_eq!(
+            self.workers.iter().flatten().count(),
+            self.worker_ids.len() + self.retired.len(),
+            "every live worker is known or retired"
+        );
         assert_eq!(blocks, self.blocks, "block count");
         assert_eq!(worker_blocks, self.worker_blocks, "worker block count");
         assert_eq!(holders_total, worker_blocks, "holders and engine entries");

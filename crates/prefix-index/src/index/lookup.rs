@@ -98,7 +98,13 @@ impl State {
             b.touch();
             match last {
                 None => {
-                    cands.extend(ctx.holders(next).map(|h| Cand::new(h.worker, h.tiers)));
+                    // Retired workers (being released after a clear or removal) are not
+                    // reported, whatever part of their blocks is left.
+                    cands.extend(
+                        ctx.holders(next)
+                            .filter(|h| !self.is_retired(h.worker))
+                            .map(|h| Cand::new(h.worker, h.tiers)),
+                    );
                     live = cands.len();
                     if live == 0 {
                         // A tombstone: nobody holds the first block.

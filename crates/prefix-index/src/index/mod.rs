@@ -4,10 +4,17 @@
 //! lock and marks recency through an atomic flag, so readers never wait behind more than one
 //! event and a worker's events are applied in the order they are given.
 //!
+//! A worker's clear or removal of more than [`IndexConfig::reclaim_chunk`] entries does not
+//! hold the lock for all of them: the worker's index is retired in one short write (lookups
+//! skip a retired worker from then on; a cleared worker's id gets a fresh index, so its next
+//! events apply at once) and its entries are released a chunk per write (`reclaim`), the lock
+//! released between chunks: by the removal's caller until done, and a little after each
+//! apply. Ingestion waits behind at most one chunk.
+//!
 //! This module holds the public [`Index`], the `State` behind its lock and the per-worker
 //! engine-hash tables; the state's jobs are in `apply` (stores, removals, clears), `lookup`
-//! (a query's walk), `evict` (the budget), `invariants` (the from-scratch check) and
-//! `repair` (after a panic in a write).
+//! (a query's walk), `evict` (the budget), `reclaim` (retired workers), `invariants` (the
+//! from-scratch check) and `repair` (after a panic in a write).
 
 use crate::context::{Context, Holder, NIL};
 use crate::hash::{context_root, ChainHasher};
@@ -58,6 +65,16 @@ impl hashbrown::Equivalent<(String, Option<String>)> for ContextRef<'_> {
     }
 }
 
+/// A retired worker whose entries are being released.
+#[derive(Debug, Clone, Copy)]
+struct Retired {
+    w: u32,
+    /// Cursor in the engine table being drained.
+    pos: usize,
+    /// Removed (not cleared): contexts left empty go when it is done.
+    forget: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     contexts: Vec<Option<Context>>,
@@ -79,6 +96,10 @@ struct State {
     /// `Index::inject_panic`: blocks to store before a store panics.
     #[cfg(any(test, feature = "faults"))]
     fault: Option<u32>,
+    /// Retired workers (in `workers`, not in `worker_ids`), released by `reclaim`.
+    retired: Vec<Retired>,
+    /// Entries of the chunk being released (reused).
+    drained: Vec<u64>,
 }
 
 /// The sync prefix hash index. Cheap to share: wrap it in an `Arc`. Unwind-safe: a panic
@@ -120,11 +141,24 @@ impl Index {
 
     /// Drops everything `worker` holds and forgets it (and any incarnation claimed). Returns
     /// the blocks it held.
+    /// Lookups stop reporting it at once; its entries are released a chunk per hold of the
+    /// lock (this call returns when they all are, with those of any other retired worker).
     pub fn remove_worker(&self, worker: &WorkerId) -> u32 {
-        self.write(worker, |st| {
+        let n = self.write(worker, |st| {
             st.fences.remove(worker);
-            st.remove_worker(worker)
-        })
+            st.retire(worker)
+        });
+        self.release_retired();
+        n
+    }
+
+    /// Releases every retired worker's entries, a chunk per hold of the lock: between chunks
+    /// the lock goes to a waiting writer (`reclaim` unlocks fairly) and this thread lets others
+    /// run, so ingestion goes on while a big worker is released.
+    fn release_retired(&self) {
+        while self.reclaim() {
+            std::thread::yield_now();
+        }
     }
 
     /// Starts a new incarnation of `worker` (a pod that came back under the same name and
@@ -144,7 +178,7 @@ impl Index {
             let epoch = st.epochs;
             st.fences.insert(worker.clone(), epoch);
             if let Some(&w) = st.worker_ids.get(worker) {
-                st.clear_worker(w);
+                st.clear_or_retire(&self.cfg, w);
             }
             Some(Epoch(epoch))
         })
@@ -172,7 +206,7 @@ impl Index {
     /// [`Index::clear_worker`] for incarnation `epoch`: nothing when it is not the current one.
     pub fn clear_worker_as(&self, worker: &WorkerId, epoch: Epoch) -> u32 {
         self.write(worker, |st| match st.worker_ids.get(worker) {
-            Some(&w) if st.is_current(worker, epoch) => st.clear_worker(w),
+            Some(&w) if st.is_current(worker, epoch) => st.clear_or_retire(&self.cfg, w),
             _ => 0,
         })
     }
@@ -180,19 +214,22 @@ impl Index {
     /// [`Index::remove_worker`] for incarnation `epoch`: nothing when a newer incarnation has
     /// claimed the worker (what it holds is the newer one's).
     pub fn remove_worker_as(&self, worker: &WorkerId, epoch: Epoch) -> u32 {
-        self.write(worker, |st| {
+        let n = self.write(worker, |st| {
             if !st.is_current(worker, epoch) {
                 return 0;
             }
             st.fences.remove(worker);
-            st.remove_worker(worker)
-        })
+            st.retire(worker)
+        });
+        self.release_retired();
+        n
     }
 
     /// Drops everything `worker` holds but keeps it known (a reset after a gap or restart).
+    /// Returns at once: more than a chunk of entries is retired and released later.
     pub fn clear_worker(&self, worker: &WorkerId) -> u32 {
         self.write(worker, |st| match st.worker_ids.get(worker) {
-            Some(&w) => st.clear_worker(w),
+            Some(&w) => st.clear_or_retire(&self.cfg, w),
             None => 0,
         })
     }
@@ -212,6 +249,19 @@ impl Index {
                 std::panic::resume_unwind(panic)
             }
         }
+    }
+
+    /// Releases one chunk of the retired workers' entries under the write lock, then hands
+    /// the lock to a waiting thread if any. Returns whether entries are left to release.
+    /// Applies and removals call it; a shell may call it when idle.
+    pub fn reclaim(&self) -> bool {
+        let mut st = self.state.write();
+        if st.retired.is_empty() {
+            return false;
+        }
+        let more = st.reclaim(self.cfg.reclaim_chunk);
+        parking_lot::RwLockWriteGuard::unlock_fair(st);
+        more
     }
 
     /// How many blocks `worker` holds (on any tier), if it is known.
@@ -298,6 +348,7 @@ impl Index {
             blocks: st.blocks,
             worker_blocks: st.worker_blocks,
             bytes: st.bytes,
+            retiring: st.retired.len(),
             ..st.stats
         }
     }
@@ -405,6 +456,7 @@ mod apply;
 mod evict;
 mod invariants;
 mod lookup;
+mod reclaim;
 mod repair;
 #[cfg(test)]
 mod tests;

@@ -62,7 +62,8 @@ impl State {
     /// The byte accounting, computed from scratch.
     pub(super) fn counted_bytes(&self) -> usize {
         let mut bytes = self.context_ids.len() * CONTEXT_COST
-            + self.worker_ids.len() * WORKER_COST
+            // Known and retired workers alike (a retired one is paid for until released).
+            + self.workers.iter().flatten().count() * WORKER_COST
             + self.worker_blocks * ENGINE_COST;
         for ctx in self.contexts.iter().flatten() {
             for s in ctx.used_slots() {
