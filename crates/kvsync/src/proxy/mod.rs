@@ -313,18 +313,17 @@ fn prompt_of(req: &OpenAiRequest, endpoint: Endpoint) -> Result<Prompt<'_>, Stri
     }
 }
 
-/// The (base model, adapter, whether only the adapter's pods qualify, a pod's IP for the
-/// tokenizer) of a requested model name: a base model's pods, else the pods whose adapter
-/// label is that name.
-fn resolve(s: &AppState, name: &str) -> Option<(String, Option<String>, String)> {
+/// The (base model, adapter) of a requested model name: a base model's pods, else the pods
+/// whose adapter label is that name.
+fn resolve(s: &AppState, name: &str) -> Option<(String, Option<String>)> {
     let pods = s.pods.read();
     let targets = || pods.values().filter_map(|v| v.info.target.as_ref().ok());
-    if let Some(t) = targets().find(|t| t.model == name) {
-        return Some((name.to_owned(), None, t.ip.clone()));
+    if targets().any(|t| t.model == name) {
+        return Some((name.to_owned(), None));
     }
     targets()
         .find(|t| t.lora.as_deref() == Some(name))
-        .map(|t| (t.model.clone(), Some(name.to_owned()), t.ip.clone()))
+        .map(|t| (t.model.clone(), Some(name.to_owned())))
 }
 
 /// One pod to try, owned (the pod table's lock is not held across the request).
@@ -369,7 +368,7 @@ async fn forward(s: &AppState, endpoint: Endpoint, headers: HeaderMap, body: Bod
             format!("The model `{name}` does not exist: no eligible pod serves it."),
         )
     };
-    let Some((model, lora, _ip)) = resolve(s, name) else {
+    let Some((model, lora)) = resolve(s, name) else {
         return no_pod();
     };
     let tokens = match prompt {
