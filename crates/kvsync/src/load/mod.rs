@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 /// A scraped reading older than this many intervals is ignored.
 pub const STALE_INTERVALS: u32 = 3;
+/// Longest wait, in scrape intervals, before a pod whose `/metrics` keeps failing is asked
+/// again (32 s at the default 1 s interval): the wait doubles per failure in a row from one
+/// interval, and one good answer brings the pod back to every interval.
+pub const MAX_SCRAPE_BACKOFF_INTERVALS: u32 = 32;
 /// Distinct (model, outcome) series kept per pod (models come from the pods' labels, outcomes
 /// are a fixed set: the bound only guards against a misconfiguration).
 const MAX_SERIES_PER_POD: usize = 256;
@@ -48,6 +52,14 @@ struct Health {
     cool_until: Option<Instant>,
 }
 
+/// The scrape's own failure streak (apart from [`Health`], which is about requests: a pod
+/// that does not serve `/metrics` may serve requests well).
+#[derive(Debug, Default, Clone, Copy)]
+struct ScrapeHealth {
+    misses: u32,
+    next: Option<Instant>,
+}
+
 /// What the proxy knows of one pod's load.
 #[derive(Debug)]
 pub struct PodLoad {
@@ -59,6 +71,7 @@ pub struct PodLoad {
     prefill_tokens: AtomicU64,
     scraped: Mutex<Option<Scraped>>,
     health: Mutex<Health>,
+    scrape_health: Mutex<ScrapeHealth>,
     /// Requests answered through this pod, by (model, outcome).
     requests: Mutex<HashMap<(String, &'static str), u64>>,
 }
@@ -72,6 +85,7 @@ impl PodLoad {
             prefill_tokens: AtomicU64::new(0),
             scraped: Mutex::new(None),
             health: Mutex::new(Health::default()),
+            scrape_health: Mutex::new(ScrapeHealth::default()),
             requests: Mutex::new(HashMap::new()),
         }
     }
@@ -90,6 +104,32 @@ impl PodLoad {
 
     pub fn set_scraped(&self, s: Scraped) {
         *self.scraped.lock() = Some(s);
+        *self.scrape_health.lock() = ScrapeHealth::default();
+    }
+
+    /// Whether the scrape should ask this pod at `now` (false while it backs off).
+    pub fn scrape_due(&self, now: Instant) -> bool {
+        self.scrape_health.lock().next.is_none_or(|t| now >= t)
+    }
+
+    /// Whether the pod's scrape is backing off after failures.
+    pub fn scrape_backing_off(&self) -> bool {
+        self.scrape_health.lock().misses > 1
+    }
+
+    /// A scrape of this pod failed at `now`: the `n`th failure in a row defers the next
+    /// attempt by `2^(n-1) - 1` intervals beyond the next, up to
+    /// [`MAX_SCRAPE_BACKOFF_INTERVALS`] (so one failure costs nothing, a pod that never serves
+    /// `/metrics` is asked about twice a minute, not every second).
+    pub fn scrape_failed(&self, now: Instant, interval: Duration) {
+        let mut h = self.scrape_health.lock();
+        h.misses = h.misses.saturating_add(1);
+        let wait = 1u32
+            .checked_shl(h.misses - 1)
+            .unwrap_or(u32::MAX)
+            .min(MAX_SCRAPE_BACKOFF_INTERVALS);
+        // Due a little before `wait` intervals, so the tick that far away finds it due.
+        h.next = Some(now + interval * wait - interval / 2);
     }
 
     /// Counts a request through this pod by model and outcome.
@@ -363,6 +403,52 @@ mod tests {
         let stale = t.view("ns/a", t0 + Duration::from_millis(3001));
         assert_eq!(stale.scraped, None);
         assert_eq!(t.stale_readings.load(Relaxed), 1);
+    }
+
+    /// The ticks (interval 1 s, at 0, 1, 2 … s) at which a pod whose scrape always fails is
+    /// asked, over `secs` seconds.
+    fn asked_at(p: &PodLoad, t0: Instant, secs: u64) -> Vec<u64> {
+        let i = Duration::from_secs(1);
+        (0..secs)
+            .filter(|&s| {
+                let now = t0 + i * s as u32;
+                let due = p.scrape_due(now);
+                if due {
+                    p.scrape_failed(now, i);
+                }
+                due
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_whose_scrape_keeps_failing_is_asked_ever_less_often_until_it_answers() {
+        let t = LoadTable::new(Duration::from_secs(1));
+        let p = t.entry("ns/a", "http://x:1");
+        let t0 = Instant::now();
+        assert!(!p.scrape_backing_off());
+        // Waits of 1, 2, 4, 8, 16, 32, 32 … intervals.
+        assert_eq!(
+            asked_at(&p, t0, 200),
+            [0, 1, 3, 7, 15, 31, 63, 95, 127, 159, 191]
+        );
+        assert!(p.scrape_backing_off());
+        // One answer: back to every interval.
+        let t1 = t0 + Duration::from_secs(1000);
+        p.set_scraped(Scraped {
+            waiting: 0.0,
+            running: 0.0,
+            kv_usage: 0.0,
+            at: t1,
+        });
+        assert!(!p.scrape_backing_off());
+        assert!(p.scrape_due(t1));
+        assert_eq!(asked_at(&p, t1, 4), [0, 1, 3]);
+        // A single failure costs nothing: the next tick asks again.
+        let p2 = t.entry("ns/b", "http://x:2");
+        p2.scrape_failed(t0, Duration::from_secs(1));
+        assert!(p2.scrape_due(t0 + Duration::from_secs(1)));
+        assert!(!p2.scrape_backing_off());
     }
 
     #[test]

@@ -122,12 +122,18 @@ async fn scrape_one(client: &HttpClient, url: &str, timeout: Duration) -> Option
     tokio::time::timeout(timeout, call).await.ok().flatten()
 }
 
-/// One round: sync the table with the eligible pods, then scrape each once.
+/// One round: sync the table with the eligible pods, then scrape once each pod that is not
+/// backing off after failures ([`super::PodLoad::scrape_failed`]).
 pub async fn round(table: &LoadTable, pods: &PodTable, client: &HttpClient) {
     table.sync(&eligible(pods));
     let timeout = table.interval().max(Duration::from_millis(100));
-    let all = table.all();
-    let reads = all.iter().map(|p| async move {
+    let now = Instant::now();
+    let due: Vec<_> = table
+        .all()
+        .into_iter()
+        .filter(|p| p.scrape_due(now))
+        .collect();
+    let reads = due.iter().map(|p| async move {
         let got = scrape_one(client, &p.base_url, timeout).await;
         (p, got)
     });
@@ -141,6 +147,7 @@ pub async fn round(table: &LoadTable, pods: &PodTable, client: &HttpClient) {
             }),
             None => {
                 table.scrape_errors.fetch_add(1, Relaxed);
+                p.scrape_failed(Instant::now(), table.interval());
             }
         }
     }

@@ -208,6 +208,19 @@ impl prometheus_client::collector::Collector for PerPod {
             None,
             c.metric_type(),
         )?)?;
+        let backing_off = self
+            .load
+            .all()
+            .iter()
+            .filter(|p| p.scrape_backing_off())
+            .count();
+        let g = ConstGauge::new(backing_off as i64);
+        g.encode(e.encode_descriptor(
+            "scrape_backoff_pods",
+            "Pods whose /metrics failed twice or more in a row, scraped less often (up to every 32 intervals) until one answers",
+            None,
+            g.metric_type(),
+        )?)?;
         Ok(())
     }
 }
