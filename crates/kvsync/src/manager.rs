@@ -48,6 +48,10 @@ pub struct ManagerConfig {
     /// Delay before subscribing again after a subscription failed (its feed panicked). The
     /// attempt count restarts once a subscription has lasted `cap`.
     pub failure_backoff: Backoff,
+    /// Largest message a subscriber reads (`ZMQ_MAXMSGSIZE`).
+    pub max_message_bytes: usize,
+    /// Live message bytes a subscriber holds while a replay runs.
+    pub max_held_bytes: usize,
 }
 
 impl Default for ManagerConfig {
@@ -68,6 +72,8 @@ impl Default for ManagerConfig {
                 cap: Duration::from_secs(30),
                 factor: 2.0,
             },
+            max_message_bytes: kv_subscriber::MAX_MESSAGE_BYTES,
+            max_held_bytes: kv_subscriber::MAX_HELD_BYTES,
         }
     }
 }
@@ -446,6 +452,8 @@ impl Manager {
         sub.replay_timeout = self.cfg.replay_timeout;
         sub.heartbeat = self.cfg.heartbeat;
         sub.backoff = self.cfg.reconnect;
+        sub.max_message_bytes = self.cfg.max_message_bytes;
+        sub.max_held_bytes = self.cfg.max_held_bytes;
         let info = Arc::new(WorkerInfo::default());
         self.workers.write().insert(worker.clone(), info.clone());
         let w = WorkerTask {
@@ -651,7 +659,9 @@ impl Feed {
                 None
             }
             SubscriberEvent::Delivery(Delivery::Gap { from, to, .. }) => {
-                self.w.stats.batches_lost.fetch_add(to - from + 1, Relaxed);
+                // `from <= to` from the sequencer; saturating all the same (wire numbers).
+                let lost = to.saturating_sub(from).saturating_add(1);
+                self.w.stats.batches_lost.fetch_add(lost, Relaxed);
                 self.reset(&format!("batches {from}..={to} lost"));
                 None
             }

@@ -41,6 +41,10 @@ pub struct Options {
     /// KV sync on: how long a routing decision counts as cached while its events are on the
     /// way (0: rank by announced blocks only).
     pub routed_ttl: Duration,
+    /// Largest KV event message read from a pod (`ZMQ_MAXMSGSIZE`).
+    pub events_max_message_bytes: usize,
+    /// Live KV event bytes a subscriber holds while a replay runs.
+    pub events_max_held_bytes: usize,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
     /// The proxy and the choice: policy, weights, timeouts, cool-down, scrape interval.
@@ -64,6 +68,8 @@ impl Default for Options {
             approx_block_size: 16,
             approx_max_bytes: 64 << 20,
             routed_ttl: Duration::from_secs(2),
+            events_max_message_bytes: kv_subscriber::MAX_MESSAGE_BYTES,
+            events_max_held_bytes: kv_subscriber::MAX_HELD_BYTES,
             body_timeout: http::BODY_TIMEOUT,
             proxy: crate::proxy::ProxyConfig::default(),
             http: http::server::Limits::default(),
@@ -128,6 +134,8 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     };
     let mcfg = ManagerConfig {
         replay_timeout: cfg.replay_timeout,
+        max_message_bytes: opts.events_max_message_bytes,
+        max_held_bytes: opts.events_max_held_bytes,
         ..ManagerConfig::default()
     };
     let manager = Manager::new(mcfg, index.clone(), hub.clone());
@@ -194,6 +202,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
             }
         }
     };
+    let reclaimer = reclaim_idle(index.clone(), RECLAIM_EVERY, stop.clone());
     let manager = manager.run(events, scopes, stop.clone());
     let server = http::server::serve(
         listener,
@@ -202,11 +211,11 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         state.metrics.api.server.clone(),
         stop.clone(),
     );
-    // The server, the manager, the load scraper and the readiness log run in this one task
-    // and end with it.
+    // The server, the manager, the load scraper, the reclaimer and the readiness log run in
+    // this one task and end with it.
     let running_index = index.clone();
     let task = tokio::spawn(async move {
-        let ((), (), (), ()) = tokio::join!(server, manager, ready_log, scraper);
+        let ((), (), (), (), ()) = tokio::join!(server, manager, ready_log, scraper, reclaimer);
         if let Some(hub) = hub {
             hub.shutdown();
         }
@@ -223,6 +232,31 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     })
 }
 
+/// How often [`reclaim_idle`] looks for retired workers.
+const RECLAIM_EVERY: Duration = Duration::from_millis(100);
+
+/// Releases retired workers' entries (a big worker's clear or removal, see
+/// `prefix_index::Index::reclaim`) when nothing else does: applies release a little with each
+/// write, so after a clear on a fleet gone quiet the entries would stay (counted in the memory
+/// budget) until the next event. Every `every`, one chunk per hold of the lock until none is
+/// left, yielding between chunks; a look with nothing retired costs one read lock.
+pub async fn reclaim_idle(index: Arc<Index>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        while index.reclaim() {
+            if stop.is_cancelled() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// Runs until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
@@ -232,4 +266,66 @@ pub async fn run(
     let running = start(cfg, opts).await?;
     shutdown.await;
     running.stop().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_events::{BlockHash, BlockStored, Event};
+    use prefix_index::{Source, WorkerId};
+
+    #[tokio::test]
+    async fn the_reclaimer_releases_a_cleared_workers_entries_on_a_quiet_fleet() {
+        let index = Arc::new(Index::new(
+            IndexConfig::default().max_blocks_per_context(1 << 20),
+        ));
+        let chunk = index.config().reclaim_chunk as u64;
+        let w = WorkerId::new("ns/pod", 0);
+        let src = Source {
+            model: "m",
+            default_lora: None,
+        };
+        // 20 chunks' worth of blocks, in prompts of 100 blocks (block size 4).
+        let blocks = 20 * chunk / 100 * 100;
+        for p in 0..blocks / 100 {
+            let hashes = (0..100).map(|b| BlockHash::Uint(p * 1000 + b)).collect();
+            let tokens = (0..400).map(|t| (p * 1000 + t) as u32).collect();
+            index.apply(
+                &w,
+                src,
+                &Event::BlockStored(BlockStored {
+                    block_hashes: hashes,
+                    token_ids: tokens,
+                    block_size: 4,
+                    ..Default::default()
+                }),
+            );
+        }
+        let full = index.stats().bytes;
+        assert_eq!(u64::from(index.clear_worker(&w)), blocks);
+        // Retired, and nothing else writes: the entries stay without the reclaimer.
+        let s = index.stats();
+        assert_eq!((s.retiring, s.worker_blocks), (1, blocks as usize));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(reclaim_idle(
+            index.clone(),
+            Duration::from_millis(5),
+            stop.clone(),
+        ));
+        let released = async {
+            while index.stats().retiring > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), released)
+            .await
+            .expect("the reclaimer released the retired worker");
+        let s = index.stats();
+        assert_eq!(s.worker_blocks, 0);
+        assert!(s.bytes < full / 10, "{} bytes left of {full}", s.bytes);
+        assert!(s.longest_hold <= chunk, "one chunk per hold of the lock");
+        index.check_invariants();
+        stop.cancel();
+        task.await.expect("the reclaimer stops with its token");
+    }
 }

@@ -859,3 +859,76 @@ async fn an_oversized_tokenizer_answer_is_refused_and_counted() {
     running.stop().await.expect("clean stop");
     passed(&file);
 }
+
+/// `--events-max-message-mib` reaches the subscribers: a batch over the cap (here 64 KiB) is
+/// refused by libzmq and counted, the sockets are reopened, and the next batches (the refused
+/// one lost, so the worker reset) apply again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_events_message_cap_is_refused_counted_and_survived() {
+    let (tok, _tok_task) = tokenizer().await;
+    let mut a = Publisher::start(&[]);
+    let file = temp_file("maxmsg", &pod_yaml("a", &a));
+    let opts = Options {
+        events_max_message_bytes: 64 << 10,
+        ..options(file.clone())
+    };
+    let (running, http) = start_listed(config(true, tok), opts).await;
+    feed(
+        &http,
+        &mut a,
+        "ml/a",
+        &[stored(0, &[1], None, vec![1, 2, 3, 4])],
+        1,
+    )
+    .await;
+    // 20 000 token ids of 3 bytes each: ~60 KB under the default cap of 64 MiB, over 64 KiB.
+    let big_tokens: Vec<u32> = (0..20_000).map(|i| 70_000 + i).collect();
+    let hashes: Vec<u64> = (0..5_000).map(|i| 1_000 + i).collect();
+    let big = stored(0, &hashes, None, big_tokens);
+    assert!(big.len() > 64 << 10, "{} bytes", big.len());
+    let refused = || async {
+        let (_, body) = http.call("GET", "/metrics", Vec::new()).await;
+        let text = String::from_utf8(body).expect("utf-8");
+        text.lines()
+            .find_map(|l| l.strip_prefix("kvsync_connections_refused_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(refused().await, 0.0);
+    // Sent again until refused: the first may reach the PUB before the SUB reconnects.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seq = 1_000;
+    while refused().await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the oversized batch was never refused"
+        );
+        a.send(seq, &big);
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The worker still applies what comes after (the publisher's seqs go on from here).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        a.send(seq, &stored(seq, &[7], None, vec![9, 9, 9, 9]));
+        seq += 1;
+        let pods = http.get_json("/v1/pods").await;
+        let blocks = pods["pods"][0]["workers"][0]["blocks"]
+            .as_u64()
+            .unwrap_or(0);
+        let (status, answer) = http
+            .route(&json!({"model": MODEL, "token_ids": [9, 9, 9, 9]}))
+            .await;
+        if status == 200 && answer["pods"][0]["matched_blocks"] == 1 && blocks >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing applied after the refusal: {pods} {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.index.check_invariants();
+    running.stop().await.expect("clean stop");
+    passed(&file);
+}

@@ -72,6 +72,17 @@ enum Command {
         /// announce it (0: rank by announced blocks only).
         #[arg(long, env = "KVSYNC_ROUTED_TTL_MS", default_value_t = 2000)]
         routed_ttl_ms: u64,
+        /// Largest KV event message read from a pod (`ZMQ_MAXMSGSIZE` on the SUB and replay
+        /// sockets), in MiB; a larger one drops the connection (counted, the batch is lost and
+        /// the worker reset).
+        #[arg(long, env = "KVSYNC_EVENTS_MAX_MESSAGE_MIB", default_value_t = 64,
+              value_parser = clap::value_parser!(u64).range(1..=4096))]
+        events_max_message_mib: u64,
+        /// Live KV event bytes held per subscriber while a replay runs, in MiB; past it the
+        /// oldest are dropped and reported as a gap (as past 10 000 messages).
+        #[arg(long, env = "KVSYNC_EVENTS_MAX_HELD_MIB", default_value_t = 256,
+              value_parser = clap::value_parser!(u64).range(1..=65_536))]
+        events_max_held_mib: u64,
         #[command(flatten)]
         proxy: ProxyFlags,
         /// Most HTTP connections open at once; more wait in the accept backlog.
@@ -244,6 +255,8 @@ pub fn main() -> Result<()> {
             approx_block_size,
             approx_max_mib,
             routed_ttl_ms,
+            events_max_message_mib,
+            events_max_held_mib,
             proxy,
             http_max_connections,
             http_header_timeout_ms,
@@ -273,6 +286,8 @@ pub fn main() -> Result<()> {
                 approx_block_size,
                 approx_max_bytes: approx_max_mib << 20,
                 routed_ttl: Duration::from_millis(routed_ttl_ms),
+                events_max_message_bytes: (events_max_message_mib as usize) << 20,
+                events_max_held_bytes: (events_max_held_mib as usize) << 20,
                 body_timeout: crate::http::BODY_TIMEOUT,
                 proxy: proxy.config()?,
                 http: crate::http::server::Limits {

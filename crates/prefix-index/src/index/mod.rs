@@ -255,6 +255,10 @@ impl Index {
     /// the lock to a waiting thread if any. Returns whether entries are left to release.
     /// Applies and removals call it; a shell may call it when idle.
     pub fn reclaim(&self) -> bool {
+        // Almost always nothing is retired: a read lock tells without stopping the readers.
+        if self.state.read().retired.is_empty() {
+            return false;
+        }
         let mut st = self.state.write();
         if st.retired.is_empty() {
             return false;
