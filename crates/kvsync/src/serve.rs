@@ -232,8 +232,10 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     })
 }
 
-/// How often [`reclaim_idle`] looks for retired workers.
-const RECLAIM_EVERY: Duration = Duration::from_millis(100);
+/// How often [`reclaim_idle`] looks for retired workers. Each look wakes the task that owns
+/// the server, the manager and the scraper, which polls them all: at 100 ms this was half the
+/// service's idle CPU (perf, 64 quiet pods: 565 samples in 30 s against 409 at 1 s).
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Releases retired workers' entries (a big worker's clear or removal, see
 /// `prefix_index::Index::reclaim`) when nothing else does: applies release a little with each
