@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use test_support::python;
 
 use bytes::Bytes;
 use engine_sim::fleet::{Fleet, FleetConfig};
@@ -163,21 +164,6 @@ async fn a_burst_queues_on_one_engine_and_spreads_over_four() {
     );
     assert!(four_last * 2 < last, "{four_last:?} vs {last:?}");
     fleet.shutdown().await;
-}
-
-/// The interpreter with `openai` and `prometheus_client`: `KVSYNC_PYTHON`, else the repo's
-/// `.venv` (made by `scripts/setup`).
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVSYNC_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run scripts/setup",
-        venv.display()
-    );
-    venv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use test_support::python;
 
 use bytes::Bytes;
 use engine_sim::http::{serve, Backend, HttpConfig, InstantBackend, InstantConfig};
@@ -78,21 +79,6 @@ fn instant() -> InstantConfig {
         max_model_len: 2048,
         ..InstantConfig::default()
     }
-}
-
-/// The interpreter with `openai` and `prometheus_client`: `KVSYNC_PYTHON`, else the repo's
-/// `.venv` (made by `scripts/setup`).
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVSYNC_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run scripts/setup",
-        venv.display()
-    );
-    venv
 }
 
 /// Runs `tests/py/SCRIPT ARGS` to completion and fails the test with its output if it fails.

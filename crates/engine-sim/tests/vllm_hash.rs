@@ -12,10 +12,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn testdata() -> PathBuf {
-    std::env::var_os("KVSYNC_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-        .join("testdata/vllm-kv-events")
+    test_support::vllm_captures()
 }
 
 fn hex(b: &[u8; 32]) -> String {

@@ -14,9 +14,7 @@ use serde_json::{json, Value as Json};
 
 use corpus::{chats, fixed_prompts, long_prompt, random_prompts, ChatCase, Rng};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use test_support::repo_root;
 
 /// A tokenizer's directory, or `None` (with the reason printed) when `scripts/setup` has not
 /// fetched it; under CI a missing tokenizer is a failure, not a skip.
@@ -135,9 +133,7 @@ fn feature_suite(dir: PathBuf) -> Suite {
     }
 }
 
-fn python() -> PathBuf {
-    repo_root().join(".venv/bin/python")
-}
+use test_support::python;
 
 fn reference(suites: &[Suite], work: &Path) -> Json {
     let mut toks = serde_json::Map::new();

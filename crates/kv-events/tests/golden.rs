@@ -9,10 +9,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn testdata() -> PathBuf {
-    let dir = std::env::var_os("KVSYNC_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    dir.join("testdata/vllm-kv-events")
+    test_support::vllm_captures()
 }
 
 struct Capture {

@@ -331,10 +331,7 @@ struct Message {
 }
 
 fn testdata() -> PathBuf {
-    let dir = std::env::var_os("KVSYNC_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    dir.join("testdata/vllm-kv-events")
+    test_support::vllm_captures()
 }
 
 /// Every live message of every capture, its payload parsed and decoded.

@@ -5,22 +5,9 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use test_support::python;
 
 use serde_json::Value;
-
-/// The interpreter with `openai`: `KVSYNC_PYTHON`, else the repo's `.venv` (`scripts/setup`).
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVSYNC_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run scripts/setup",
-        venv.display()
-    );
-    venv
-}
 
 /// The port of an endpoint or URL (`...:PORT`).
 fn port(s: &str) -> u16 {

@@ -120,10 +120,7 @@ fn block_size_is_learned_then_checked() {
 }
 
 fn testdata() -> PathBuf {
-    std::env::var_os("KVSYNC_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-        .join("testdata/vllm-kv-events")
+    test_support::vllm_captures()
 }
 
 /// The golden scenario, applied through the decoder for every captured vLLM version.

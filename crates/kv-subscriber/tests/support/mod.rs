@@ -5,24 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-/// The interpreter with pyzmq: `KVSYNC_PYTHON`, else the repo's `.venv`, else `python3`.
-pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVSYNC_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    if venv.exists() {
-        venv
-    } else {
-        "python3".into()
-    }
-}
-
-pub fn shared() -> PathBuf {
-    std::env::var_os("KVSYNC_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-}
+pub use test_support::{python, shared};
 
 /// A free loopback port (bound and released; fine on loopback for a test).
 pub fn free_port() -> u16 {

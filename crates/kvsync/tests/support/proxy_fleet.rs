@@ -380,19 +380,7 @@ pub fn proxy_config(policy: Policy) -> ProxyConfig {
 // ---------------------------------------------------------------------------------------------
 // Python
 
-/// The interpreter with `openai`: `KVSYNC_PYTHON`, else the repo's `.venv` (`scripts/setup`).
-pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVSYNC_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run scripts/setup",
-        venv.display()
-    );
-    venv
-}
+pub use test_support::python;
 
 pub fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
