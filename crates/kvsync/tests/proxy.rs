@@ -18,7 +18,7 @@ use kvsync_demo::{TokenizerServer, VOCAB};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_goes_through_kvsync_and_next_turns_land_on_their_prefix() {
@@ -385,12 +385,10 @@ async fn burst(policy: Policy, tok: SocketAddr) -> (Vec<usize>, f64) {
             let kv = (engine.pub_port(), engine.replay_port());
             let mut e = HttpEngine::start(
                 &format!("q{i}"),
-                Arc::new(QueuedBackend {
-                    engine: Arc::new(engine),
-                    prefill: Arc::default(),
-                    per_token: Duration::from_micros(100),
-                    started: Instant::now(),
-                }),
+                Arc::new(EventedBackend::new(
+                    engine,
+                    Some(Duration::from_micros(100)),
+                )),
             );
             e.kv_ports = Some(kv);
             e

@@ -34,11 +34,33 @@ pub const BLOCK_SIZE: usize = 16;
 // Engines
 
 /// A [`Backend`] over engine-sim's [`Engine`]: its block pool publishes vLLM's KV events on real
-/// ZeroMQ sockets, so kvsync's index learns what each engine caches. Each request is served at
-/// once (prefill, then its tokens).
+/// ZeroMQ sockets, so kvsync's index learns what each engine caches. Without a prefill clock a
+/// request is served at once (prefill, then its tokens); with one, one prefill at a time takes
+/// `per_token` per uncached prompt token (decode is free), so requests queue on a busy engine
+/// as they do on vLLM.
 pub struct EventedBackend {
-    pub engine: Engine,
+    pub engine: Arc<Engine>,
     pub started: Instant,
+    pub prefill: Option<PrefillClock>,
+}
+
+/// One prefill at a time, at `per_token` per uncached prompt token.
+pub struct PrefillClock {
+    pub one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+    pub per_token: Duration,
+}
+
+impl EventedBackend {
+    pub fn new(engine: Engine, prefill_per_token: Option<Duration>) -> EventedBackend {
+        EventedBackend {
+            engine: Arc::new(engine),
+            started: Instant::now(),
+            prefill: prefill_per_token.map(|per_token| PrefillClock {
+                one_at_a_time: Arc::default(),
+                per_token,
+            }),
+        }
+    }
 }
 
 impl Backend for EventedBackend {
@@ -51,19 +73,32 @@ impl Backend for EventedBackend {
             .begin(&req.prompt, req.lora.clone())
             .map_err(|_| SubmitError::Overloaded)?;
         let (prompt_tokens, cached_tokens) = (admitted.prompt_tokens(), admitted.hit_tokens());
-        let served = self.engine.finish(admitted, req.max_tokens);
-        let (tx, rx) = tokio::sync::mpsc::channel(served.output.len() + 2);
-        let t = self.now();
-        let _ = tx.try_send(TokenEvent::Scheduled { t, cached_tokens });
-        for &id in &served.output {
-            let _ = tx.try_send(TokenEvent::Token { t, id });
-        }
-        let _ = tx.try_send(TokenEvent::Finished {
-            t,
-            reason: FinishReason::Length,
-            prompt_tokens,
-            cached_tokens,
-            completion_tokens: served.output.len(),
+        let (tx, rx) = tokio::sync::mpsc::channel(req.max_tokens + 2);
+        let (engine, started) = (self.engine.clone(), self.started);
+        let prefill = self.prefill.as_ref().map(|c| {
+            let busy = c.per_token * (prompt_tokens - cached_tokens) as u32;
+            (c.one_at_a_time.clone(), busy)
+        });
+        tokio::spawn(async move {
+            if let Some((one_at_a_time, busy)) = prefill {
+                let _held = one_at_a_time.lock().await;
+                tokio::time::sleep(busy).await;
+            }
+            let served = engine.finish(admitted, req.max_tokens);
+            let t = started.elapsed().as_secs_f64();
+            let _ = tx.send(TokenEvent::Scheduled { t, cached_tokens }).await;
+            for &id in &served.output {
+                let _ = tx.send(TokenEvent::Token { t, id }).await;
+            }
+            let _ = tx
+                .send(TokenEvent::Finished {
+                    t,
+                    reason: FinishReason::Length,
+                    prompt_tokens,
+                    cached_tokens,
+                    completion_tokens: served.output.len(),
+                })
+                .await;
         });
         Ok(rx)
     }
@@ -139,13 +174,7 @@ impl HttpEngine {
         })
         .expect("engine");
         let kv = (engine.pub_port(), engine.replay_port());
-        let mut e = HttpEngine::start(
-            name,
-            Arc::new(EventedBackend {
-                engine,
-                started: Instant::now(),
-            }),
-        );
+        let mut e = HttpEngine::start(name, Arc::new(EventedBackend::new(engine, None)));
         e.kv_ports = Some(kv);
         e
     }
@@ -405,71 +434,4 @@ pub async fn run_python(name: &str, args: Vec<String>) -> String {
     );
     print!("{stdout}");
     stdout
-}
-
-/// An evented engine with a clock: one prefill at a time, each taking `per_token` per uncached
-/// prompt token (decode is free), so requests queue on a busy engine as they do on vLLM.
-pub struct QueuedBackend {
-    pub engine: Arc<Engine>,
-    pub prefill: Arc<tokio::sync::Mutex<()>>,
-    pub per_token: Duration,
-    pub started: Instant,
-}
-
-impl Backend for QueuedBackend {
-    fn submit(
-        &self,
-        req: GenerateRequest,
-    ) -> Result<tokio::sync::mpsc::Receiver<TokenEvent>, SubmitError> {
-        let admitted = self
-            .engine
-            .begin(&req.prompt, req.lora.clone())
-            .map_err(|_| SubmitError::Overloaded)?;
-        let (prompt_tokens, cached_tokens) = (admitted.prompt_tokens(), admitted.hit_tokens());
-        let (tx, rx) = tokio::sync::mpsc::channel(req.max_tokens + 2);
-        let (engine, prefill, started) = (self.engine.clone(), self.prefill.clone(), self.started);
-        let busy = self.per_token * (prompt_tokens - cached_tokens) as u32;
-        tokio::spawn(async move {
-            {
-                let _one_at_a_time = prefill.lock().await;
-                tokio::time::sleep(busy).await;
-            }
-            let served = engine.finish(admitted, req.max_tokens);
-            let t = started.elapsed().as_secs_f64();
-            let _ = tx.send(TokenEvent::Scheduled { t, cached_tokens }).await;
-            for &id in &served.output {
-                let _ = tx.send(TokenEvent::Token { t, id }).await;
-            }
-            let _ = tx
-                .send(TokenEvent::Finished {
-                    t,
-                    reason: FinishReason::Length,
-                    prompt_tokens,
-                    cached_tokens,
-                    completion_tokens: served.output.len(),
-                })
-                .await;
-        });
-        Ok(rx)
-    }
-
-    fn stats(&self) -> EngineMetrics {
-        EngineMetrics::default()
-    }
-
-    fn reset_prefix_cache(&self) -> bool {
-        self.engine.reset_prefix_cache()
-    }
-
-    fn max_model_len(&self) -> usize {
-        32_768
-    }
-
-    fn block_size(&self) -> usize {
-        BLOCK_SIZE
-    }
-
-    fn now(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
-    }
 }
