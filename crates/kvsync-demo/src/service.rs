@@ -88,6 +88,15 @@ pub struct Service {
     pub log: PathBuf,
 }
 
+/// A free loopback address (bound and released: fine on loopback for a child to take).
+pub fn free_addr() -> Result<SocketAddr> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port")?
+        .port();
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 impl Service {
     /// Starts `kvsync serve` on `pods_file` and waits until it is ready (and, with KV sync,
     /// until every pod's subscriber is live).
@@ -112,11 +121,23 @@ impl Service {
         log: PathBuf,
         extra: &[String],
     ) -> Result<Service> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free port")?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = free_addr()?;
+        Service::start_at(addr, bin, pods_file, kv_sync, tokenizer, pods, log, extra).await
+    }
+
+    /// [`Service::start_with`] listening on `addr` (e.g. one of [`free_addr`], chosen before
+    /// starting replicas that name each other as peers).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_at(
+        addr: SocketAddr,
+        bin: &Path,
+        pods_file: &Path,
+        kv_sync: bool,
+        tokenizer: SocketAddr,
+        pods: usize,
+        log: PathBuf,
+        extra: &[String],
+    ) -> Result<Service> {
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = std::process::Command::new(bin);

@@ -92,6 +92,10 @@ pub struct DemoArgs {
     /// `kvsync serve` replicas in the request path (clients spread over them).
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
+    /// Replicas do not read each other's in-flight load (no `--peers`): each knows the
+    /// others' requests only through the engines' scraped queues.
+    #[arg(long)]
+    pub no_peers: bool,
     /// KV cache blocks per engine (16 tokens each).
     #[arg(long, default_value_t = 2048)]
     pub blocks: usize,
@@ -301,15 +305,31 @@ async fn drive(
     let urls: Vec<String> = match policy.serve() {
         None => vec![fleet.oracle_url().context("the fleet has no oracle")?],
         Some((flag, kv_sync)) => {
-            for r in 0..a.replicas {
-                let svc = Service::start_with(
+            // The replicas read each other's in-flight load (`--peers`; each skips itself).
+            let addrs = (0..a.replicas)
+                .map(|_| crate::service::free_addr())
+                .collect::<Result<Vec<_>>>()?;
+            let peers: Vec<String> = if a.replicas > 1 && !a.no_peers {
+                let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                vec![format!("--peers={}", list.join(","))]
+            } else {
+                Vec::new()
+            };
+            for (r, &addr) in addrs.iter().enumerate() {
+                let svc = Service::start_at(
+                    addr,
                     &cfg.kvsync_bin,
                     &pods_file,
                     kv_sync,
                     fleet.engine(0).http_addr(),
                     fleet.len(),
                     dir.join(format!("serve-{r}.log")),
-                    &[&["--policy".to_owned(), flag.to_owned()], &a.serve_args[..]].concat(),
+                    &[
+                        &["--policy".to_owned(), flag.to_owned()],
+                        &peers[..],
+                        &a.serve_args[..],
+                    ]
+                    .concat(),
                 )
                 .await?;
                 services.push(svc);

@@ -191,6 +191,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
     let tracker = manager.tracker();
     let mut ready = manager.ready();
     let scraper = proxy.scraper(manager.pods(), stop.clone());
+    let peer_reader = proxy.peer_reader(stop.clone());
     let ready_log = {
         let stop = stop.clone();
         async move {
@@ -211,11 +212,12 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         state.metrics.api.server.clone(),
         stop.clone(),
     );
-    // The server, the manager, the load scraper, the reclaimer and the readiness log run in
-    // this one task and end with it.
+    // The server, the manager, the load scraper, the peer reader, the reclaimer and the
+    // readiness log run in this one task and end with it.
     let running_index = index.clone();
     let task = tokio::spawn(async move {
-        let ((), (), (), (), ()) = tokio::join!(server, manager, ready_log, scraper, reclaimer);
+        let ((), (), (), (), (), ()) =
+            tokio::join!(server, manager, ready_log, scraper, reclaimer, peer_reader);
         if let Some(hub) = hub {
             hub.shutdown();
         }

@@ -35,6 +35,21 @@ fn one<T: serde::de::DeserializeOwned>(docs: &[(String, serde_yaml::Value)], kin
     serde_yaml::from_value(found[0].clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
 }
 
+/// The one object of `kind` called `name`.
+fn named<T: serde::de::DeserializeOwned>(
+    docs: &[(String, serde_yaml::Value)],
+    kind: &str,
+    name: &str,
+) -> T {
+    let found: Vec<&serde_yaml::Value> = docs
+        .iter()
+        .filter(|(k, v)| k == kind && v["metadata"]["name"].as_str() == Some(name))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} {name}");
+    serde_yaml::from_value(found[0].clone()).unwrap_or_else(|e| panic!("{kind} {name}: {e}"))
+}
+
 fn kvsync_help(sub: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_kvsync"))
         .args([sub, "--help"])
@@ -50,7 +65,8 @@ fn kvsync_manifests_match_the_binary() {
     let role: ClusterRole = one(&d, "ClusterRole");
     let binding: ClusterRoleBinding = one(&d, "ClusterRoleBinding");
     let deploy: Deployment = one(&d, "Deployment");
-    let svc: Service = one(&d, "Service");
+    let svc: Service = named(&d, "Service", "kvsync");
+    let peers_svc: Service = named(&d, "Service", "kvsync-peers");
 
     // RBAC: pods, get/list/watch, nothing else; bound to the Deployment's ServiceAccount.
     let rules = role.rules.expect("rules");
@@ -129,6 +145,32 @@ fn kvsync_manifests_match_the_binary() {
         "serve --help default"
     );
 
+    // The replicas' peers: a headless Service over the same pods and port, named by
+    // KVSYNC_PEERS in the ServiceAccount's namespace (where the Deployment goes).
+    let peers_spec = peers_svc.spec.expect("spec");
+    assert_eq!(peers_spec.cluster_ip.as_deref(), Some("None"), "headless");
+    assert!(peers_spec
+        .selector
+        .expect("selector")
+        .iter()
+        .all(|(k, v)| pod_labels.get(k) == Some(v)));
+    assert_eq!(
+        peers_spec.ports.expect("ports")[0].target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name.clone()))
+    );
+    let ns = subject.namespace.clone().expect("namespace");
+    let env_peers = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "KVSYNC_PEERS")
+        .and_then(|e| e.value.clone());
+    assert_eq!(
+        env_peers,
+        Some(format!("kvsync-peers.{ns}.svc:{port}")),
+        "KVSYNC_PEERS names the headless Service"
+    );
+
     // Every environment variable is one kvsync reads.
     let help = kvsync_help("serve");
     for e in c.env.clone().expect("env") {
@@ -142,7 +184,12 @@ fn kvsync_manifests_match_the_binary() {
 #[test]
 fn servicemonitor_scrapes_the_metrics_port() {
     let d = docs("deploy/kubernetes/servicemonitor.yaml");
-    let svc: Service = one(&docs("deploy/kubernetes/kvsync.yaml"), "Service");
+    let svc: Service = named(&docs("deploy/kubernetes/kvsync.yaml"), "Service", "kvsync");
+    let peers_svc: Service = named(
+        &docs("deploy/kubernetes/kvsync.yaml"),
+        "Service",
+        "kvsync-peers",
+    );
     let sm = &d[0].1;
     assert_eq!(d[0].0, "ServiceMonitor");
     let want = svc.metadata.labels.expect("labels");
@@ -155,6 +202,18 @@ fn servicemonitor_scrapes_the_metrics_port() {
             v.as_str()
         );
     }
+    // The peers' headless Service covers the same pods: selected too, each replica would be
+    // scraped twice.
+    let peers_labels = peers_svc.metadata.labels.unwrap_or_default();
+    assert!(
+        !sel.iter().all(|(k, v)| {
+            peers_labels
+                .get(k.as_str().expect("key"))
+                .map(String::as_str)
+                == v.as_str()
+        }),
+        "the ServiceMonitor selects the peers' Service too"
+    );
     let ep = &sm["spec"]["endpoints"][0];
     assert_eq!(ep["path"].as_str(), Some("/metrics"));
     let port_names: Vec<String> = svc

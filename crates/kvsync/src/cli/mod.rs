@@ -179,6 +179,15 @@ struct ProxyFlags {
     /// is ignored).
     #[arg(long, env = "KVSYNC_SCRAPE_INTERVAL_MS", default_value_t = 1000)]
     scrape_interval_ms: u64,
+    /// The other kvsync replicas, `host:port` (repeat or comma-separate; a name is resolved
+    /// every round, so a headless Service's name gives every replica; this replica's own
+    /// address is recognised and skipped): their requests in flight count in the choice.
+    #[arg(long = "peers", env = "KVSYNC_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Milliseconds between reads of the peers' in-flight load.
+    #[arg(long, env = "KVSYNC_PEER_INTERVAL_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    peer_interval_ms: u64,
 }
 
 impl ProxyFlags {
@@ -205,6 +214,16 @@ impl ProxyFlags {
         {
             bail!("--connect-timeout-ms, --first-byte-timeout-s, --idle-timeout-s and --scrape-interval-ms must be positive");
         }
+        for p in &self.peers {
+            let p = p.trim();
+            // `host:port`: lookup_host needs the port; a URL or a bare name is refused here.
+            let port_ok = p
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+            if !p.is_empty() && !port_ok {
+                bail!("--peers {p:?}: expected host:port (e.g. kvsync-peers.default.svc:8090)");
+            }
+        }
         Ok(crate::proxy::ProxyConfig {
             policy: self.policy,
             weights: crate::route::cost::Weights {
@@ -219,6 +238,13 @@ impl ProxyFlags {
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             cooldown: Duration::from_millis(self.pod_cooldown_ms),
             scrape_interval: Duration::from_millis(self.scrape_interval_ms),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            peer_interval: Duration::from_millis(self.peer_interval_ms),
         })
     }
 }

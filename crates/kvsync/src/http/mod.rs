@@ -68,6 +68,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/route", post(route::route))
         .route("/v1/pods", get(pods))
+        .route("/v1/load", get(load))
+        .route("/v1/peers/routed", post(peer_routed))
         .route("/v1/models", get(crate::proxy::models))
         .route("/v1/chat/completions", post(crate::proxy::chat))
         .route("/v1/completions", post(crate::proxy::completions))
@@ -105,6 +107,43 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// This replica's in-flight load per pod, for its peers (`crate::load::peers`).
+async fn load(State(s): State<Arc<AppState>>) -> Response {
+    Json(crate::load::peers::answer(&s.proxy.load)).into_response()
+}
+
+/// Routing decisions pushed by a peer replica (`crate::load::peers::push`): each is recorded
+/// as this replica's own are, for `--routed-ttl-ms`, when its pod is known here.
+async fn peer_routed(
+    State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let body = match body::read_body(&headers, body, s.body_timeout).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "malformed JSON".to_owned());
+    };
+    let load = &s.proxy.load;
+    let Some(decisions) = crate::load::peers::parse_push(load.instance(), &v) else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let now = Instant::now();
+    let pods = s.pods.read();
+    let mut recorded = 0u64;
+    for d in decisions {
+        if pods.contains_key(d.pod.as_str()) {
+            s.recent
+                .record(&d.chain, &WorkerId::new(d.pod.as_str(), d.rank), now);
+            recorded += 1;
+        }
+    }
+    load.share.received.fetch_add(recorded, Relaxed);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn pods(State(s): State<Arc<AppState>>) -> Response {

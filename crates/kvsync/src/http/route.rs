@@ -237,6 +237,10 @@ pub(crate) fn decide<R>(
         best
     };
     s.recent.record(&chain, &chosen, now);
+    s.proxy
+        .load
+        .share
+        .offer(&chosen.pod, chosen.dp_rank, &chain);
     let decisions = &s.metrics.api.decisions;
     match list[0].rank() {
         0 => &decisions.miss,

@@ -11,6 +11,7 @@
 //!  choice: view(pod, now) ─▶ route::cost::LoadView (a reading older than 3 intervals is left out, counted)
 //! ```
 
+pub mod peers;
 pub mod scrape;
 
 use crate::route::cost::{LoadView, Scraped as ScrapedView};
@@ -72,6 +73,8 @@ pub struct PodLoad {
     scraped: Mutex<Option<Scraped>>,
     health: Mutex<Health>,
     scrape_health: Mutex<ScrapeHealth>,
+    /// The other replicas' requests and uncached tokens in flight here, summed, and when.
+    peers: Mutex<Option<(u64, u64, Instant)>>,
     /// Requests answered through this pod, by (model, outcome).
     requests: Mutex<HashMap<(String, &'static str), u64>>,
 }
@@ -86,6 +89,7 @@ impl PodLoad {
             scraped: Mutex::new(None),
             health: Mutex::new(Health::default()),
             scrape_health: Mutex::new(ScrapeHealth::default()),
+            peers: Mutex::new(None),
             requests: Mutex::new(HashMap::new()),
         }
     }
@@ -105,6 +109,17 @@ impl PodLoad {
     pub fn set_scraped(&self, s: Scraped) {
         *self.scraped.lock() = Some(s);
         *self.scrape_health.lock() = ScrapeHealth::default();
+    }
+
+    /// The other replicas' requests and uncached prompt tokens in flight on this pod, read at
+    /// `at` (see [`peers`]).
+    pub fn set_peers(&self, in_flight: u64, prefill_tokens: u64, at: Instant) {
+        *self.peers.lock() = Some((in_flight, prefill_tokens, at));
+    }
+
+    /// The peers' last reading: (requests, uncached tokens, when).
+    pub fn peers(&self) -> Option<(u64, u64, Instant)> {
+        *self.peers.lock()
     }
 
     /// Whether the scrape should ask this pod at `now` (false while it backs off).
@@ -239,16 +254,57 @@ pub struct LoadTable {
     pub stale_readings: AtomicU64,
     /// Scrapes that failed (unreachable, timeout, not 200, no vLLM load metric).
     pub scrape_errors: AtomicU64,
+    /// How often the peers are read: a peer reading older than `STALE_INTERVALS` of it is
+    /// ignored.
+    peer_interval: Duration,
+    /// This replica's id in its `/v1/load` answers (so it skips its own when a peer name
+    /// resolves to itself too).
+    instance: u64,
+    /// Peer reads that failed (unresolved name, unreachable, timeout, not 200, not JSON).
+    pub peer_errors: AtomicU64,
+    /// Peers read in the last round.
+    pub peers_read: AtomicU64,
+    /// The peers' addresses found in the last round (this replica's own left out): where
+    /// decisions are pushed.
+    pub peer_addrs: RwLock<Vec<std::net::SocketAddr>>,
+    /// This replica's decisions on their way to the peers.
+    pub share: peers::Share,
 }
 
 impl LoadTable {
     pub fn new(interval: Duration) -> LoadTable {
+        LoadTable::with_peers(interval, Duration::from_millis(100), false)
+    }
+
+    /// A table whose peers are read every `peer_interval`; `share`: decisions are queued for
+    /// them ([`peers::Share`]).
+    pub fn with_peers(interval: Duration, peer_interval: Duration, share: bool) -> LoadTable {
+        // Random enough to tell replicas apart: the clock's nanoseconds and the process id,
+        // mixed (splitmix64's finaliser).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut z = nanos ^ (u64::from(std::process::id()) << 32);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
         LoadTable {
             pods: RwLock::new(HashMap::new()),
             interval,
             stale_readings: AtomicU64::new(0),
             scrape_errors: AtomicU64::new(0),
+            peer_interval,
+            instance: z,
+            peer_errors: AtomicU64::new(0),
+            peers_read: AtomicU64::new(0),
+            peer_addrs: RwLock::new(Vec::new()),
+            share: peers::Share::new(share),
         }
+    }
+
+    /// This replica's instance id.
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     pub fn interval(&self) -> Duration {
@@ -329,9 +385,17 @@ impl LoadTable {
                 })
             }
         });
+        let (peer_in_flight, peer_prefill_tokens) = p
+            .peers()
+            .filter(|&(_, _, at)| {
+                now.saturating_duration_since(at) <= self.peer_interval * STALE_INTERVALS
+            })
+            .map_or((0, 0), |(n, t, _)| (n, t));
         LoadView {
             in_flight: p.in_flight(),
             prefill_tokens: p.prefill_tokens(),
+            peer_in_flight,
+            peer_prefill_tokens,
             scraped,
             cooling: p.cooling(now),
         }

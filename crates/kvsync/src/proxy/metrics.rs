@@ -208,6 +208,40 @@ impl prometheus_client::collector::Collector for PerPod {
             None,
             c.metric_type(),
         )?)?;
+        let c = ConstCounter::new(self.load.peer_errors.load(Relaxed));
+        c.encode(e.encode_descriptor(
+            "peer_errors",
+            "Reads of a peer replica's /v1/load that failed (name unresolved, unreachable, timeout, bad answer)",
+            None,
+            c.metric_type(),
+        )?)?;
+        for (name, help, v) in [
+            (
+                "peer_decisions_pushed",
+                "Routing decisions pushed to the peer replicas",
+                self.load.share.pushed.load(Relaxed),
+            ),
+            (
+                "peer_decisions_dropped",
+                "Routing decisions not pushed to the peers: their queue was full",
+                self.load.share.dropped.load(Relaxed),
+            ),
+            (
+                "peer_decisions_received",
+                "Routing decisions received from the peer replicas",
+                self.load.share.received.load(Relaxed),
+            ),
+        ] {
+            let c = ConstCounter::new(v);
+            c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let g = ConstGauge::new(self.load.peers_read.load(Relaxed) as i64);
+        g.encode(e.encode_descriptor(
+            "peers",
+            "Peer replicas whose in-flight load was read in the last round (--peers)",
+            None,
+            g.metric_type(),
+        )?)?;
         let backing_off = self
             .load
             .all()

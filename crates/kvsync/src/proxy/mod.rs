@@ -63,6 +63,11 @@ pub struct ProxyConfig {
     pub cooldown: Duration,
     /// How often each pod's `/metrics` is scraped.
     pub scrape_interval: Duration,
+    /// The other replicas (`host:port`, names resolved each round: a headless Service's name
+    /// gives every replica), whose in-flight load is read from their `/v1/load`.
+    pub peers: Vec<String>,
+    /// How often the peers are read.
+    pub peer_interval: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +80,8 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(300),
             cooldown: Duration::from_secs(10),
             scrape_interval: Duration::from_secs(1),
+            peers: Vec::new(),
+            peer_interval: Duration::from_millis(100),
         }
     }
 }
@@ -93,7 +100,11 @@ pub struct Proxy {
 impl Proxy {
     /// Registers its metrics in `registry` (the service's, prefix `kvsync`).
     pub fn new(cfg: ProxyConfig, registry: &mut prometheus_client::registry::Registry) -> Proxy {
-        let load = Arc::new(LoadTable::new(cfg.scrape_interval));
+        let load = Arc::new(LoadTable::with_peers(
+            cfg.scrape_interval,
+            cfg.peer_interval,
+            !cfg.peers.is_empty(),
+        ));
         let metrics = ProxyMetrics::register(registry, load.clone(), cfg.policy.name());
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -135,6 +146,30 @@ impl Proxy {
         stop: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         crate::load::scrape::run(self.load.clone(), pods, self.client.clone(), stop)
+    }
+
+    /// The reader of the peers' in-flight load, until `stop` (the caller owns the task; it
+    /// ends at once without peers).
+    pub fn peer_reader(
+        &self,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let read = crate::load::peers::run(
+            self.load.clone(),
+            self.cfg.peers.clone(),
+            self.cfg.peer_interval,
+            self.client.clone(),
+            stop.clone(),
+        );
+        let push = crate::load::peers::push(
+            self.load.clone(),
+            self.client.clone(),
+            self.cfg.peer_interval.max(Duration::from_millis(100)),
+            stop,
+        );
+        async move {
+            let ((), ()) = tokio::join!(read, push);
+        }
     }
 }
 

@@ -3,17 +3,18 @@
 //! `kv-aware` ranks candidates by an estimate of the request's time to first token on each:
 //!
 //! ```text
-//!  est = prefill × (uncached prompt tokens + in-flight uncached tokens of this replica)
-//!      + waiting × (scraped waiting requests beyond this replica's in-flight ones)
-//!      + running × max(scraped running requests, this replica's in-flight ones)
+//!  est = prefill × (uncached prompt tokens + in-flight uncached tokens of the replicas)
+//!      + waiting × (scraped waiting requests beyond the replicas' in-flight ones)
+//!      + running × max(scraped running requests, the replicas' in-flight ones)
 //!      + kv × scraped KV cache usage (0..1)
 //! ```
 //!
 //! in seconds, with the weights as `serve` flags. The first term is the request's own prefill
-//! (its cached prefix is free) plus the prefill queued ahead of it that this replica knows
-//! exactly; the scraped queue counts what other replicas and clients sent (the scrape lags and
-//! includes this replica's requests, hence the `beyond` and the `max`, so nothing is counted
-//! twice). A reading older than three scrape intervals is not used (see `crate::load`).
+//! (its cached prefix is free) plus the prefill queued ahead of it that the replicas know
+//! exactly: this one's at once, its peers' as read from their `/v1/load` every peer interval
+//! (`crate::load::peers`); the scraped queue counts what other clients sent (the scrape lags
+//! and includes the replicas' requests, hence the `beyond` and the `max`, so nothing is
+//! counted twice). A reading older than three intervals is not used (see `crate::load`).
 //!
 //! What the peers do, read before writing this:
 //! - Dynamo's kv-router (`lib/kv-router`, the scheduler's `DefaultWorkerSelector`): a cost
@@ -138,6 +139,10 @@ pub struct LoadView {
     pub in_flight: u64,
     /// Their uncached prompt tokens not yet prefilled (no first byte yet).
     pub prefill_tokens: u64,
+    /// The other replicas' requests in flight on the pod (their `/v1/load`, fresh only).
+    pub peer_in_flight: u64,
+    /// Their uncached prompt tokens not yet prefilled.
+    pub peer_prefill_tokens: u64,
     pub scraped: Option<Scraped>,
     /// In cool-down after repeated failures.
     pub cooling: bool,
@@ -162,7 +167,8 @@ pub struct Cost {
 pub fn estimate(prompt_tokens: u64, cached_tokens: u64, load: &LoadView, w: &Weights) -> Cost {
     let uncached = prompt_tokens.saturating_sub(cached_tokens);
     let prefill = uncached as f64 * w.prefill_per_token;
-    let ours = load.in_flight as f64;
+    // This replica's requests and its peers': all the replicas' (the scrape counts them too).
+    let ours = (load.in_flight + load.peer_in_flight) as f64;
     let (waiting, running, kv_usage) = match load.scraped {
         Some(s) => (
             (s.waiting - ours).max(0.0),
@@ -171,7 +177,7 @@ pub fn estimate(prompt_tokens: u64, cached_tokens: u64, load: &LoadView, w: &Wei
         ),
         None => (0.0, ours, 0.0),
     };
-    let queue = load.prefill_tokens as f64 * w.prefill_per_token
+    let queue = (load.prefill_tokens + load.peer_prefill_tokens) as f64 * w.prefill_per_token
         + waiting * w.waiting_request
         + running * w.running_request;
     let kv = kv_usage * w.kv_usage;
@@ -328,12 +334,56 @@ mod tests {
                 kv_usage: 0.5,
             }),
             cooling: false,
+            ..LoadView::default()
         };
         let c = estimate(1000, 1200, &busy, &w);
         assert_eq!(c.uncached_tokens, 0);
         assert!((c.queue - (0.03 + 0.3 + 0.02)).abs() < 1e-12, "{c:?}");
         assert!((c.kv - 0.025).abs() < 1e-12);
         assert!((c.total - (c.prefill + c.queue + c.kv)).abs() < 1e-15);
+        // A peer replica's 2 requests (500 tokens to prefill) on the same pod: their prefill
+        // queues ahead, they are among the scrape's 5 waiting (1 other left), and the running
+        // term is max(1, 2 + 2).
+        let shared = LoadView {
+            peer_in_flight: 2,
+            peer_prefill_tokens: 500,
+            ..busy
+        };
+        let c = estimate(1000, 1200, &shared, &w);
+        assert!((c.queue - (0.08 + 0.1 + 0.04)).abs() < 1e-12, "{c:?}");
+    }
+
+    #[test]
+    fn a_peers_in_flight_prefill_turns_the_choice_as_ones_own_would() {
+        // a holds the prefix (64 blocks); a peer replica has just sent it 3000 uncached
+        // tokens, which the engines' scrape does not show yet.
+        let peer_busy = LoadView {
+            peer_in_flight: 1,
+            peer_prefill_tokens: 3000,
+            ..LoadView::default()
+        };
+        let mut list = vec![
+            cand("a", 64, LoadView::default()),
+            cand("b", 0, LoadView::default()),
+        ];
+        choose(&mut list, &ask(Policy::KvAware, 1100));
+        assert_eq!(names(&list), ["a", "b"], "alone: the prefix wins");
+        let mut list = vec![cand("a", 64, peer_busy), cand("b", 0, LoadView::default())];
+        choose(&mut list, &ask(Policy::KvAware, 1100));
+        assert_eq!(
+            names(&list),
+            ["b", "a"],
+            "300 ms queued > 102.4 ms of prefill"
+        );
+        // The same load held by this replica turns it the same way.
+        let own_busy = LoadView {
+            in_flight: 1,
+            prefill_tokens: 3000,
+            ..LoadView::default()
+        };
+        let mut list = vec![cand("a", 64, own_busy), cand("b", 0, LoadView::default())];
+        choose(&mut list, &ask(Policy::KvAware, 1100));
+        assert_eq!(names(&list), ["b", "a"]);
     }
 
     #[test]
@@ -341,9 +391,7 @@ mod tests {
         // 64 cached blocks (1024 tokens) on a; b and c hold nothing.
         let queued = |n: u64| LoadView {
             in_flight: n,
-            prefill_tokens: 0,
-            scraped: None,
-            cooling: false,
+            ..LoadView::default()
         };
         let mut list = vec![
             cand("c", 0, queued(0)),

@@ -257,6 +257,19 @@ impl Kvsync {
         tok: SocketAddr,
         proxy: ProxyConfig,
     ) -> Kvsync {
+        let any = "127.0.0.1:0".parse().expect("addr");
+        Kvsync::start_at(any, name, engines, kv_sync, tok, proxy).await
+    }
+
+    /// [`Kvsync::start`] listening on `listen` (replicas that name each other as peers).
+    pub async fn start_at(
+        listen: SocketAddr,
+        name: &str,
+        engines: &[&HttpEngine],
+        kv_sync: bool,
+        tok: SocketAddr,
+        proxy: ProxyConfig,
+    ) -> Kvsync {
         let dir = std::env::temp_dir().join(format!("kvsync-proxy-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let pods = dir.join("pods.yaml");
@@ -278,7 +291,7 @@ impl Kvsync {
             max_prefixes_per_context: 100_000,
         };
         let opts = Options {
-            listen: "127.0.0.1:0".parse().expect("addr"),
+            listen,
             pods_file: Some(pods),
             pods_interval: Duration::from_millis(50),
             tokenizer_timeout: Duration::from_secs(5),
