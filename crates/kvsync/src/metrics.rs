@@ -15,6 +15,9 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+/// Histograms by labels, each made by a constructor (its buckets).
+type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
 /// Metrics the API updates.
 #[derive(Debug, Clone)]
 pub struct ApiMetrics {
@@ -69,12 +72,11 @@ impl Metrics {
             partial: bucket("partial"),
             full: bucket("full"),
         };
-        let tokenize_seconds: Family<Vec<(String, String)>, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(|| {
-                Histogram::new([
-                    2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5,
-                ])
-            });
+        let tokenize_seconds: HistogramFamily = Family::new_with_constructor(|| {
+            Histogram::new([
+                2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5,
+            ])
+        });
         let source = |s: &str| {
             tokenize_seconds
                 .get_or_create(&vec![("source".to_owned(), s.to_owned())])

@@ -29,12 +29,12 @@ fn bad(msg: impl Into<String>) -> Response {
     openai_error(StatusCode::BAD_REQUEST, "BadRequestError", msg)
 }
 
-/// An optional boolean member.
-fn flag(req: &Value, key: &str, default: bool) -> Result<bool, Response> {
+/// An optional boolean member (the error: the message of a 400).
+fn flag(req: &Value, key: &str, default: bool) -> Result<bool, String> {
     match &req[key] {
         Value::Null => Ok(default),
         Value::Bool(b) => Ok(*b),
-        _ => Err(bad(format!("`{key}` must be a boolean"))),
+        _ => Err(format!("`{key}` must be a boolean")),
     }
 }
 
@@ -61,7 +61,7 @@ pub(super) async fn tokenize(
             prompt: p,
             add_special_tokens: match flag(&req, "add_special_tokens", true) {
                 Ok(f) => f,
-                Err(r) => return r,
+                Err(m) => return bad(m),
             },
         },
         (Value::Null, m @ Value::Array(_)) => {
@@ -70,7 +70,7 @@ pub(super) async fn tokenize(
                 flag(&req, "add_special_tokens", false),
             ) {
                 (Ok(g), Ok(sp)) => (g, sp),
-                (Err(r), _) | (_, Err(r)) => return r,
+                (Err(m), _) | (_, Err(m)) => return bad(m),
             };
             if flag(&req, "continue_final_message", false).unwrap_or(false) {
                 return bad("`continue_final_message` is not supported by kvsync's /tokenize");

@@ -37,12 +37,12 @@ pub enum LoadError {
     Duplicate { model: String },
     #[error("--tokenizer: at most {MAX_MODELS} models have local tokenizers")]
     TooMany,
-    #[error("the tokenizer of model {model:?} (from {}): {source}", dir.display())]
+    /// (The file's error is in the message, not a `source`: printed once.)
+    #[error("the tokenizer of model {model:?} (from {}): {error}", dir.display())]
     Files {
         model: String,
         dir: PathBuf,
-        #[source]
-        source: hf_tokenize::LoadError,
+        error: Box<hf_tokenize::LoadError>,
     },
 }
 
@@ -181,10 +181,10 @@ impl LocalTokenizers {
 
 /// Loads one model's files.
 pub fn load_one(model: &str, dir: &Path) -> Result<LocalTokenizer, LoadError> {
-    let tok = hf_tokenize::Tokenizer::from_dir(dir).map_err(|source| LoadError::Files {
+    let tok = hf_tokenize::Tokenizer::from_dir(dir).map_err(|error| LoadError::Files {
         model: model.to_owned(),
         dir: dir.to_owned(),
-        source,
+        error: Box::new(error),
     })?;
     Ok(LocalTokenizer {
         dir: dir.to_owned(),
