@@ -120,12 +120,15 @@ fn main() {
                 let t = TokenizerServer::start().await.expect("tokenizer");
                 (t.addr, Some(t))
             }
-            Some((_, f)) => {
+            Some((dir, _)) => {
                 let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind");
                 let addr = l.local_addr().expect("addr");
-                let t = engine_sim::Tokenizer::with_files(f.clone(), 16_384);
+                // Its own copy, as another process has (the engines share one: sharing its
+                // warm caches would flatter the remote path).
+                let own = hf_tokenize::Tokenizer::from_dir(dir).expect("tokenizer files");
+                let t = engine_sim::Tokenizer::with_files(Arc::new(own), 16_384);
                 tokio::spawn(engine_sim::serve_tokenizer(l, t, std::future::pending()));
                 (addr, None)
             }
@@ -267,6 +270,31 @@ fn main() {
                 us(t50) - us(d50), us(t99) - us(d99),
                 cpu_direct / m * 1e6, cpu_through / m * 1e6, (cpu_through - cpu_direct) / m * 1e6,
             );
+        }
+        // kvsync's own account of tokenizing (`kvsync_tokenize_seconds`), per instance.
+        for addr in std::iter::once(kvsync).chain(running_local.as_ref().map(|r| r.addr)) {
+            let req = hyper::Request::get(format!("http://{addr}/metrics"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let r = client.request(req).await.expect("metrics");
+            let b = r.into_body().collect().await.expect("body").to_bytes();
+            let text = String::from_utf8_lossy(&b).into_owned();
+            for source in ["local", "remote"] {
+                let value = |suffix: &str| -> f64 {
+                    let key = format!("kvsync_tokenize_seconds_{suffix}{{source=\"{source}\"}} ");
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(key.as_str()))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0.0)
+                };
+                let (sum, count) = (value("sum"), value("count"));
+                if count > 0.0 {
+                    println!(
+                        "kvsync {addr}: kvsync_tokenize_seconds{{source=\"{source}\"}} mean {:.0} µs over {count} texts",
+                        sum / count * 1e6
+                    );
+                }
+            }
         }
     });
     rt.block_on(running.stop()).expect("stop");
