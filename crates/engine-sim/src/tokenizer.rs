@@ -10,6 +10,13 @@
 //! tokenizes back to the same id (pronounceable syllables, searched once per vocabulary size),
 //! so `tokenize(detokenize(ids)) == ids` for word ids, and generated text fed back as chat
 //! history hits the prefix cache as a real tokenizer's round trip does.
+//!
+//! With a model's Hugging Face files (`kvsync sim --tokenizer DIR`, [`Tokenizer::with_files`]),
+//! every one of these goes through [`hf_tokenize`] instead, as vLLM serving that model does:
+//! prompts `tokenizer(prompt, add_special_tokens)`, chats the model's chat template (with the
+//! request's `tools` and `chat_template_kwargs`) tokenized with `add_special_tokens` (false by
+//! default), `/detokenize` `tokenizer.decode(ids)`, and each generated token's text its own
+//! decoded piece.
 
 use std::sync::Arc;
 
@@ -28,18 +35,91 @@ pub const END_OF_TURN: u32 = 5;
 pub const FIRST_WORD_ID: u32 = 1000;
 
 /// The tokenizer of a model with `vocab` ids.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     pub vocab: u32,
     pub max_model_len: usize,
+    /// The model's own tokenizer; `None`: the deterministic word tokenizer.
+    pub files: Option<Arc<hf_tokenize::Tokenizer>>,
+}
+
+/// A chat to tokenize: the members of a chat request the template reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Chat<'a> {
+    pub messages: &'a [Value],
+    pub add_generation_prompt: bool,
+    pub add_special_tokens: bool,
+    /// The request's `tools` (only a model's own template reads them).
+    pub tools: Option<&'a [Value]>,
+    /// The request's `chat_template_kwargs` (likewise).
+    pub template_kwargs: Option<&'a serde_json::Map<String, Value>>,
+}
+
+impl<'a> Chat<'a> {
+    /// Messages alone, with vLLM's defaults otherwise.
+    pub fn messages(messages: &'a [Value]) -> Chat<'a> {
+        Chat {
+            messages,
+            add_generation_prompt: true,
+            add_special_tokens: false,
+            tools: None,
+            template_kwargs: None,
+        }
+    }
 }
 
 impl Tokenizer {
+    /// The deterministic word tokenizer of `vocab` ids.
+    pub fn words(vocab: u32, max_model_len: usize) -> Tokenizer {
+        Tokenizer {
+            vocab,
+            max_model_len,
+            files: None,
+        }
+    }
+
+    /// A model's own tokenizer (its vocabulary size includes the added tokens).
+    pub fn with_files(files: Arc<hf_tokenize::Tokenizer>, max_model_len: usize) -> Tokenizer {
+        Tokenizer {
+            vocab: u32::try_from(files.vocab_size()).unwrap_or(u32::MAX),
+            max_model_len,
+            files: Some(files),
+        }
+    }
+
+    /// A prompt's token ids (vLLM's completions: `add_special_tokens` true by default).
+    pub fn prompt(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        match &self.files {
+            Some(f) => f
+                .encode_prompt(text, add_special_tokens)
+                .map_err(|e| e.to_string()),
+            None => Ok(self.words_of(text, add_special_tokens)),
+        }
+    }
+
+    /// A chat's token ids: the model's template, or the word tokenizer's rendering.
+    pub fn chat_request(&self, chat: &Chat<'_>) -> Result<Vec<u32>, String> {
+        let Some(f) = &self.files else {
+            return self.chat(
+                chat.messages,
+                chat.add_generation_prompt,
+                chat.add_special_tokens,
+            );
+        };
+        let mut req =
+            hf_tokenize::ChatRequest::new(chat.messages, chat.add_generation_prompt, chat.tools);
+        req.template_kwargs = chat.template_kwargs;
+        let text = f.render_chat(&req).map_err(|e| e.to_string())?;
+        f.encode_prompt(&text, chat.add_special_tokens)
+            .map_err(|e| e.to_string())
+    }
+
     pub fn word(&self, w: &str) -> u32 {
         FIRST_WORD_ID + (xxh3_64(w.as_bytes()) % u64::from(self.vocab - FIRST_WORD_ID)) as u32
     }
 
-    pub fn prompt(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+    /// The word tokenizer's ids of a prompt.
+    pub fn words_of(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
         let mut out = Vec::new();
         if add_special_tokens {
             out.push(BOS);
@@ -48,7 +128,7 @@ impl Tokenizer {
         out
     }
 
-    /// `messages`: `[{"role", "content"}]`. `content` is a string, a list of OpenAI content
+    /// The word tokenizer's chat. `messages`: `[{"role", "content"}]`. `content` is a string, a list of OpenAI content
     /// parts (the text of `{"type": "text", "text"}` parts, in order) or null (an assistant
     /// turn with tool calls); `developer` is the system role. An unknown role or another
     /// content is an error.
@@ -105,6 +185,9 @@ impl Tokenizer {
     /// The text of `ids`: words separated by single spaces, special tokens by their names
     /// (`<s>`, `<|user|>`, ...). An id outside the vocabulary is an error.
     pub fn detokenize(&self, ids: &[u32]) -> Result<String, String> {
+        if let Some(f) = &self.files {
+            return f.decode(ids, false).map_err(|e| e.to_string());
+        }
         let mut out = String::new();
         for (i, &id) in ids.iter().enumerate() {
             out.push_str(&self.token_text(id, i == 0)?);
@@ -114,6 +197,9 @@ impl Tokenizer {
 
     /// One token's text as a streaming delta: its word, preceded by a space unless `first`.
     pub fn token_text(&self, id: u32, first: bool) -> Result<String, String> {
+        if let Some(f) = &self.files {
+            return f.decode(&[id], false).map_err(|e| e.to_string());
+        }
         let word: &str = match id {
             BOS => "<s>",
             ROLE_SYSTEM => "<|system|>",
@@ -138,7 +224,7 @@ impl Tokenizer {
 
     /// Builds the detokenizing vocabulary now rather than on the first generated token.
     pub fn prepare_vocabulary(&self) {
-        if self.vocab > FIRST_WORD_ID {
+        if self.files.is_none() && self.vocab > FIRST_WORD_ID {
             vocabulary(self.vocab);
         }
     }
@@ -177,10 +263,7 @@ fn vocabulary(vocab: u32) -> Vocabulary {
 fn build_vocabulary(vocab: u32) -> Vocabulary {
     const CONSONANTS: &[u8] = b"bdfghjklmnprstvz";
     const VOWELS: &[u8] = b"aeiou";
-    let tok = Tokenizer {
-        vocab,
-        max_model_len: 0,
-    };
+    let tok = Tokenizer::words(vocab, 0);
     let size = (vocab - FIRST_WORD_ID) as usize;
     let mut words: Vec<Option<Box<str>>> = vec![None; size];
     let mut missing = size;
@@ -217,13 +300,15 @@ fn build_vocabulary(vocab: u32) -> Vocabulary {
 pub fn tokenize_json(tok: &Tokenizer, req: &Value) -> Result<Value, String> {
     let flag = |k: &str, default: bool| req[k].as_bool().unwrap_or(default);
     let tokens = if let Some(p) = req["prompt"].as_str() {
-        tok.prompt(p, flag("add_special_tokens", true))
+        tok.prompt(p, flag("add_special_tokens", true))?
     } else if let Some(ms) = req["messages"].as_array() {
-        tok.chat(
-            ms,
-            flag("add_generation_prompt", true),
-            flag("add_special_tokens", false),
-        )?
+        tok.chat_request(&Chat {
+            messages: ms,
+            add_generation_prompt: flag("add_generation_prompt", true),
+            add_special_tokens: flag("add_special_tokens", false),
+            tools: req["tools"].as_array().map(Vec::as_slice),
+            template_kwargs: req["chat_template_kwargs"].as_object(),
+        })?
     } else {
         return Err("either `prompt` or `messages` is required".to_owned());
     };
@@ -350,10 +435,7 @@ mod tests {
 
     #[test]
     fn chat_renders_roles_and_generation_prompt() {
-        let t = Tokenizer {
-            vocab: 32_000,
-            max_model_len: 8192,
-        };
+        let t = Tokenizer::words(32_000, 8192);
         let ms = vec![
             json!({"role": "system", "content": "be brief"}),
             json!({"role": "user", "content": "hi"}),
@@ -374,7 +456,7 @@ mod tests {
         );
         assert!(got[1] >= FIRST_WORD_ID && got[1] < 32_000);
         assert_eq!(
-            t.prompt("be brief", true),
+            t.words_of("be brief", true),
             vec![BOS, t.word("be"), t.word("brief")]
         );
         assert!(t
@@ -397,17 +479,14 @@ mod tests {
 
     #[test]
     fn detokenize_round_trips_word_ids() {
-        let t = Tokenizer {
-            vocab: 32_000,
-            max_model_len: 8192,
-        };
-        let ids = t.prompt("the quick brown fox", false);
+        let t = Tokenizer::words(32_000, 8192);
+        let ids = t.words_of("the quick brown fox", false);
         let text = t.detokenize(&ids).expect("in vocabulary");
         assert_eq!(text.split(' ').count(), 4);
-        assert_eq!(t.prompt(&text, false), ids);
+        assert_eq!(t.words_of(&text, false), ids);
         let generated = output_tokens(&ids, 200, 32_000);
         let text = t.detokenize(&generated).expect("in vocabulary");
-        assert_eq!(t.prompt(&text, false), generated);
+        assert_eq!(t.prompt(&text, false), Ok(generated));
         assert!(!text.contains("<tok"), "every word id has a word");
         assert_eq!(
             t.detokenize(&[BOS, ROLE_USER, END_OF_TURN]).as_deref(),

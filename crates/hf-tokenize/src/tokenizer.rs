@@ -191,6 +191,25 @@ impl Tokenizer {
         &self.eos_ids
     }
 
+    /// The text of `ids` (`tokenizer.decode(ids, skip_special_tokens=...)`), e.g. a generated
+    /// completion; an id outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EncodeError> {
+        if let Some(id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            return Err(EncodeError(format!(
+                "token id {id} is out of vocabulary (size {})",
+                self.vocab_size()
+            )));
+        }
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| EncodeError(e.to_string()))
+    }
+
+    /// The vocabulary size without the added tokens (ids below it are the model's own).
+    pub fn base_vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(false)
+    }
+
     /// The vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

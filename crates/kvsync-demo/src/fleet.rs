@@ -109,10 +109,7 @@ impl TokenizerServer {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(engine_sim::serve_tokenizer(
             listener,
-            Tokenizer {
-                vocab: VOCAB,
-                max_model_len: 32_768,
-            },
+            Tokenizer::words(VOCAB, 32_768),
             stop.clone().cancelled_owned(),
         ));
         Ok(TokenizerServer { addr, stop, task })

@@ -7,12 +7,19 @@
 //! - `text`: the prompt as 8192 words, tokenized by kvsync through the remote `/tokenize`
 //!   (engine-sim's tokenizer on loopback) before it chooses (tokenization included).
 //!
+//! - `text-local` (with `PROXY_TOKENIZER=DIR`): the same text through a second `kvsync serve`
+//!   that tokenizes in process (`--tokenizer MODEL=DIR`). In that mode every tokenizer (the
+//!   engines', the remote `/tokenize`, kvsync's) uses the model's files from DIR and the text
+//!   is prose cut to 8192 tokens of that model, so `text` and `text-local` differ only in
+//!   where kvsync tokenizes.
+//!
 //! The engines answer at once (engine-sim's `InstantBackend`: its prefix-caching pool, no
 //! model); kvsync runs as `kvsync serve` does (2-worker runtime, `--policy kv-aware`, KV sync
 //! off: the recent decisions are its index, so its chain of block hashes is computed as with
 //! KV sync).
 //!
-//! `cargo bench -p kvsync --bench proxy` (env: PROXY_REQUESTS per path and kind, default 1000)
+//! `cargo bench -p kvsync --bench proxy` (env: PROXY_REQUESTS per path and kind, default 1000;
+//! PROXY_TOKENIZER=DIR, e.g. `.cache/tokenizers/qwen3`, adds `text-local`)
 
 use bytes::Bytes;
 use engine_sim::http::{HttpConfig, InstantBackend, InstantConfig};
@@ -72,6 +79,13 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
+    let files: Option<(std::path::PathBuf, Arc<hf_tokenize::Tokenizer>)> =
+        std::env::var_os("PROXY_TOKENIZER").map(|d| {
+            let dir = std::path::PathBuf::from(d);
+            let tok = hf_tokenize::Tokenizer::from_dir(&dir)
+                .unwrap_or_else(|e| panic!("PROXY_TOKENIZER: {e}"));
+            (dir, Arc::new(tok))
+        });
     // The engines and the tokenizer on a runtime of their own.
     let engines_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -93,6 +107,7 @@ fn main() {
             }));
             let mut cfg = HttpConfig::new(MODEL);
             cfg.vocab = VOCAB;
+            cfg.tokenizer = files.as_ref().map(|f| f.1.clone());
             tokio::spawn(engine_sim::http::serve(
                 l,
                 backend,
@@ -100,8 +115,27 @@ fn main() {
                 std::future::pending(),
             ));
         }
-        (addrs, TokenizerServer::start().await.expect("tokenizer"))
+        let tok = match &files {
+            None => {
+                let t = TokenizerServer::start().await.expect("tokenizer");
+                (t.addr, Some(t))
+            }
+            Some((dir, _)) => {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addr = l.local_addr().expect("addr");
+                // Its own copy, as another process has (the engines share one: sharing its
+                // warm caches would flatter the remote path).
+                let own = hf_tokenize::Tokenizer::from_dir(dir).expect("tokenizer files");
+                let t = engine_sim::Tokenizer::with_files(Arc::new(own), 16_384);
+                tokio::spawn(engine_sim::serve_tokenizer(l, t, std::future::pending()));
+                (addr, None)
+            }
+        };
+        (addrs, tok)
     });
+    let (tok, _word_tokenizer) = tok;
     // kvsync as `kvsync serve` runs it.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -125,25 +159,32 @@ fn main() {
         kv_sync: false,
         tokenizer: Some(RemoteTokenizer {
             engine: TokenizerEngine::Vllm,
-            endpoint: format!("http://{}", tok.addr),
+            endpoint: format!("http://{tok}"),
         }),
         poll_timeout: Duration::from_millis(100),
         replay_timeout: Duration::from_secs(5),
         max_contexts: 1000,
         max_prefixes_per_context: 100_000,
     };
+    let opts = Options {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        pods_file: Some(pods),
+        pods_interval: Duration::from_millis(50),
+        ..Options::default()
+    };
     let running = rt
-        .block_on(serve::start(
-            cfg,
-            Options {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                pods_file: Some(pods),
-                pods_interval: Duration::from_millis(50),
-                ..Options::default()
-            },
-        ))
+        .block_on(serve::start(cfg.clone(), opts.clone()))
         .expect("kvsync");
     let kvsync = running.addr;
+    // The same, tokenizing in process.
+    let running_local = files.as_ref().map(|(dir, _)| {
+        let opts = Options {
+            tokenizers: vec![(MODEL.to_owned(), dir.clone())],
+            ..opts.clone()
+        };
+        rt.block_on(serve::start(cfg.clone(), opts))
+            .expect("kvsync (local tokenizer)")
+    });
 
     // The client: one keep-alive connection per target, on the current thread.
     let client_rt = tokio::runtime::Builder::new_current_thread()
@@ -152,8 +193,9 @@ fn main() {
         .expect("runtime");
     client_rt.block_on(async {
         let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-        // kvsync sees every pod.
-        let models = format!("http://{kvsync}/v1/models");
+        // Each kvsync sees every pod.
+        for addr in std::iter::once(kvsync).chain(running_local.as_ref().map(|r| r.addr)) {
+        let models = format!("http://{addr}/v1/models");
         loop {
             let req = hyper::Request::get(&models)
                 .body(Full::new(Bytes::new()))
@@ -167,8 +209,18 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        }
         println!("proxy overhead, {TOKENS}-token prompt, streamed, 1 output token, {n} requests per path and kind");
-        for kind in ["ids", "text"] {
+        let kinds: &[&str] = if files.is_some() {
+            &["ids", "text", "text-local"]
+        } else {
+            &["ids", "text"]
+        };
+        for &kind in kinds {
+            let kvsync = match (kind, &running_local) {
+                ("text-local", Some(r)) => r.addr,
+                _ => kvsync,
+            };
             // A fresh prompt each request (no prefix shared across requests: prefill work is
             // the engine's either way), the same prompts on both paths.
             let body = |k: usize| -> Bytes {
@@ -176,6 +228,8 @@ fn main() {
                 let ids: Vec<u32> = (0..TOKENS).map(|i| base + (i * 7 + k as u32) % 3000).collect();
                 let v = if kind == "ids" {
                     json!({"model": MODEL, "prompt": ids, "max_tokens": 1, "stream": true})
+                } else if let Some((_, f)) = &files {
+                    json!({"model": MODEL, "prompt": prose(f, k), "max_tokens": 1, "stream": true})
                 } else {
                     let text: String = (0..TOKENS).map(|i| format!("w{}k{k} ", i % 500)).collect();
                     json!({"model": MODEL, "prompt": text, "max_tokens": 1, "stream": true})
@@ -217,9 +271,60 @@ fn main() {
                 cpu_direct / m * 1e6, cpu_through / m * 1e6, (cpu_through - cpu_direct) / m * 1e6,
             );
         }
+        // kvsync's own account of tokenizing (`kvsync_tokenize_seconds`), per instance.
+        for addr in std::iter::once(kvsync).chain(running_local.as_ref().map(|r| r.addr)) {
+            let req = hyper::Request::get(format!("http://{addr}/metrics"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let r = client.request(req).await.expect("metrics");
+            let b = r.into_body().collect().await.expect("body").to_bytes();
+            let text = String::from_utf8_lossy(&b).into_owned();
+            for source in ["local", "remote"] {
+                let value = |suffix: &str| -> f64 {
+                    let key = format!("kvsync_tokenize_seconds_{suffix}{{source=\"{source}\"}} ");
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(key.as_str()))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0.0)
+                };
+                let (sum, count) = (value("sum"), value("count"));
+                if count > 0.0 {
+                    println!(
+                        "kvsync {addr}: kvsync_tokenize_seconds{{source=\"{source}\"}} mean {:.0} µs over {count} texts",
+                        sum / count * 1e6
+                    );
+                }
+            }
+        }
     });
     rt.block_on(running.stop()).expect("stop");
+    if let Some(r) = running_local {
+        rt.block_on(r.stop()).expect("stop");
+    }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Prose of `TOKENS - 1` tokens of the model (with its BOS, if it adds one, `TOKENS`),
+/// distinct per `k`.
+fn prose(tok: &hf_tokenize::Tokenizer, k: usize) -> String {
+    const WORDS: &[&str] = &[
+        "the", "router", "sends", "each", "request", "to", "a", "pod", "whose", "cache", "already",
+        "holds", "its", "prefix,", "and", "measures", "how", "long", "prefill", "takes", "when",
+        "nothing", "is", "cached;", "then", "it", "compares", "figures.",
+    ];
+    let mut s = format!("Request {k}. ");
+    let mut i = k;
+    while s.len() < TOKENS as usize * 6 {
+        s.push_str(WORDS[i % WORDS.len()]);
+        s.push(' ');
+        if i % 17 == 0 {
+            s.push_str(&format!("{} ", i * 31));
+        }
+        i = i.wrapping_mul(7).wrapping_add(3) % 10_007;
+    }
+    let ids = tok.encode_prompt(&s, false).expect("encodes");
+    tok.decode(&ids[..ids.len().min(TOKENS as usize - 1)], false)
+        .expect("decodes")
 }
 
 fn pod_yaml(i: usize, a: SocketAddr) -> String {

@@ -355,6 +355,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
         ),
         tokenizer_endpoint: None,
         pod_tokenizer_port: 8000,
+        local: Default::default(),
         body_timeout: kvsync::http::BODY_TIMEOUT,
         kv_sync: true,
         recent,

@@ -15,6 +15,9 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+/// Histograms by labels, each made by a constructor (its buckets).
+type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
 /// Metrics the API updates.
 #[derive(Debug, Clone)]
 pub struct ApiMetrics {
@@ -25,6 +28,10 @@ pub struct ApiMetrics {
     /// `kvsync_route_decisions_total`, created once: no label allocation per request).
     pub decisions: Decisions,
     pub tokenizer_errors: Counter,
+    /// Time to tokenize a request's text in process (`kvsync_tokenize_seconds{source="local"}`).
+    pub tokenize_local: Histogram,
+    /// Time of a remote `/tokenize` round trip (`{source="remote"}`), failures included.
+    pub tokenize_remote: Histogram,
     /// Tokenizer answers refused for their size (also in `tokenizer_errors`).
     pub tokenizer_oversized: Counter,
     /// The HTTP server's connections.
@@ -65,7 +72,19 @@ impl Metrics {
             partial: bucket("partial"),
             full: bucket("full"),
         };
+        let tokenize_seconds: HistogramFamily = Family::new_with_constructor(|| {
+            Histogram::new([
+                2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5,
+            ])
+        });
+        let source = |s: &str| {
+            tokenize_seconds
+                .get_or_create(&vec![("source".to_owned(), s.to_owned())])
+                .clone()
+        };
         let api = ApiMetrics {
+            tokenize_local: source("local"),
+            tokenize_remote: source("remote"),
             lookup_seconds: Histogram::new([
                 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 2e-2,
             ]),
@@ -96,6 +115,11 @@ impl Metrics {
             "tokenizer_errors",
             "Remote tokenizer failures (answered 502)",
             api.tokenizer_errors.clone(),
+        );
+        registry.register(
+            "tokenize_seconds",
+            "Time to tokenize a request's text, by tokenizer: local (in process, from the model's files) or remote (an engine's /tokenize round trip)",
+            tokenize_seconds,
         );
         registry.register(
             "tokenizer_oversized",

@@ -8,6 +8,7 @@ use crate::manager::{Manager, ManagerConfig};
 use crate::metrics::Metrics;
 use crate::pods::source;
 use crate::route::approx::Approx;
+use crate::tokenize::local::LocalTokenizers;
 use crate::tokenize::Tokenizer;
 use anyhow::{Context, Result};
 use kv_subscriber::Hub;
@@ -32,6 +33,10 @@ pub struct Options {
     pub tokenizer_max_response_bytes: usize,
     /// Port of a pod's own `/tokenize` when no remote tokenizer endpoint is configured.
     pub pod_tokenizer_port: u16,
+    /// In-process tokenizers, `(model, directory of its Hugging Face files)`
+    /// (`--tokenizer MODEL=DIR`, `KVSYNC_TOKENIZERS`), loaded at start; other models use the
+    /// remote tokenizer.
+    pub tokenizers: Vec<(String, PathBuf)>,
     /// Approximate mode (KV sync off): how long a routing decision counts as cached.
     pub approx_ttl: Duration,
     pub approx_block_size: usize,
@@ -64,6 +69,7 @@ impl Default for Options {
             tokenizer_timeout: Duration::from_secs(5),
             tokenizer_max_response_bytes: crate::tokenize::MAX_RESPONSE_BYTES,
             pod_tokenizer_port: 8000,
+            tokenizers: Vec::new(),
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,
             approx_max_bytes: 64 << 20,
@@ -118,6 +124,14 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         opts.approx_max_bytes,
         opts.index_max_bytes
     );
+    // Loaded first: a bad file stops the start before anything listens.
+    let specs = opts.tokenizers.clone();
+    let local = tokio::task::spawn_blocking(move || LocalTokenizers::load(&specs))
+        .await
+        .context("loading the tokenizers")??;
+    for (model, t) in local.models() {
+        tracing::info!(model, dir = %t.dir.display(), vocab = t.tok.vocab_size(), "local tokenizer loaded");
+    }
     let index = Arc::new(Index::new(
         IndexConfig::default()
             .max_bytes(opts.index_max_bytes - opts.approx_max_bytes)
@@ -176,6 +190,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running> {
         tokenizer: Tokenizer::new(opts.tokenizer_timeout, opts.tokenizer_max_response_bytes),
         tokenizer_endpoint: cfg.tokenizer.as_ref().map(|t| t.endpoint.clone()),
         pod_tokenizer_port: opts.pod_tokenizer_port,
+        local,
         body_timeout: opts.body_timeout,
         kv_sync: cfg.kv_sync,
         recent,

@@ -177,12 +177,9 @@ async fn a_restarted_engine_is_reset_and_relearned_and_text_routes_like_tokens()
 
     // Text: the engines' tokenizer gives the router the engine's tokens.
     let text: String = (0..40).map(|i| format!("w{i} ")).collect();
-    let t = Tokenizer {
-        vocab: VOCAB,
-        max_model_len: 32_768,
-    };
+    let t = Tokenizer::words(VOCAB, 32_768);
     fleet.engines[1]
-        .serve(&t.prompt(&text, true), None, 0)
+        .serve(&t.words_of(&text, true), None, 0)
         .expect("room");
     let by_text = json!({"model": kvsync_demo::MODEL, "prompt": text});
     let deadline = Instant::now() + Duration::from_secs(20);

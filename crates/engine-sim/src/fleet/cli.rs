@@ -69,6 +69,11 @@ pub struct SimArgs {
     /// The pods' namespace in the pod file.
     #[arg(long, default_value = "default")]
     pub namespace: String,
+    /// A model's Hugging Face tokenizer files (the directory of `tokenizer.json` and
+    /// `tokenizer_config.json`): the engines then tokenize, count, hash and detokenize as vLLM
+    /// serving that model (default: a deterministic word tokenizer).
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Bad flags.
@@ -80,6 +85,12 @@ pub enum ArgsError {
     TooSmall(&'static str, usize),
     #[error("--speed must be a positive number, not {0}")]
     Speed(f64),
+    #[error("--tokenizer {}: {source}", dir.display())]
+    Tokenizer {
+        dir: PathBuf,
+        #[source]
+        source: hf_tokenize::LoadError,
+    },
 }
 
 impl SimArgs {
@@ -116,6 +127,17 @@ impl SimArgs {
         cfg.flavours = self.wire.clone();
         cfg.namespace = self.namespace.clone();
         cfg.oracle_port = (!self.no_oracle).then_some(self.oracle_port);
+        if let Some(dir) = &self.tokenizer {
+            let tok =
+                hf_tokenize::Tokenizer::from_dir(dir).map_err(|source| ArgsError::Tokenizer {
+                    dir: dir.clone(),
+                    source,
+                })?;
+            // Generated ids are drawn below the base vocabulary (no special tokens), so every
+            // one decodes.
+            cfg.sim.sched.vocab = u32::try_from(tok.base_vocab_size()).unwrap_or(u32::MAX);
+            cfg.tokenizer = Some(std::sync::Arc::new(tok));
+        }
         Ok(cfg)
     }
 }

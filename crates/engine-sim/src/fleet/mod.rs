@@ -168,6 +168,9 @@ pub struct FleetConfig {
     pub namespace: String,
     /// Serve the oracle router on this port (0: any free one); `None`: no oracle.
     pub oracle_port: Option<u16>,
+    /// The model's own tokenizer (its Hugging Face files); `None`: the word tokenizer. With
+    /// it, set `sim.sched.vocab` to its base vocabulary so generated ids decode.
+    pub tokenizer: Option<Arc<hf_tokenize::Tokenizer>>,
 }
 
 impl FleetConfig {
@@ -182,6 +185,7 @@ impl FleetConfig {
             model: model.to_owned(),
             namespace: "default".to_owned(),
             oracle_port: Some(0),
+            tokenizer: None,
         }
     }
 }
@@ -435,6 +439,7 @@ impl Fleet {
             })?;
             let mut http_cfg = HttpConfig::new(&cfg.model);
             http_cfg.vocab = cfg.sim.sched.vocab;
+            http_cfg.tokenizer = cfg.tokenizer.clone();
             http_cfg.num_gpu_blocks = Some(cfg.sim.engine.num_blocks);
             slots.push(Arc::new(Slot {
                 name,
@@ -463,6 +468,7 @@ impl Fleet {
                     })?;
                 let mut http_cfg = HttpConfig::new(&cfg.model);
                 http_cfg.vocab = cfg.sim.sched.vocab;
+                http_cfg.tokenizer = cfg.tokenizer.clone();
                 http_cfg.engine_label = "oracle".to_owned();
                 let backend: Arc<dyn Backend> = Arc::new(oracle::Oracle::new(slots.clone(), epoch));
                 let router = http::router(backend, http_cfg)?;

@@ -53,8 +53,10 @@ pub struct HttpConfig {
     pub model_root: String,
     /// LoRA adapters (vLLM's `--lora-modules`): a request naming one runs under it.
     pub loras: Vec<Lora>,
-    /// The tokenizer's vocabulary size.
+    /// The word tokenizer's vocabulary size (unused with `tokenizer`).
     pub vocab: u32,
+    /// The model's own tokenizer (`kvsync sim --tokenizer DIR`); `None`: the word tokenizer.
+    pub tokenizer: Option<Arc<hf_tokenize::Tokenizer>>,
     /// What `/version` reports: the vLLM version whose API this imitates.
     pub vllm_version: String,
     /// The `engine` label of the metrics (vLLM's engine index).
@@ -71,6 +73,7 @@ impl HttpConfig {
             model_root: model.to_owned(),
             loras: Vec::new(),
             vocab: 32_000,
+            tokenizer: None,
             vllm_version: "0.11.0".to_owned(),
             engine_label: "0".to_owned(),
             num_gpu_blocks: None,
@@ -141,9 +144,9 @@ pub fn router(backend: Arc<dyn Backend>, cfg: HttpConfig) -> Result<Router, Conf
     if cfg.served_model_name.is_empty() {
         return Err(ConfigError::NoModelName);
     }
-    let tok = Tokenizer {
-        vocab: cfg.vocab,
-        max_model_len: backend.max_model_len(),
+    let tok = match &cfg.tokenizer {
+        Some(files) => Tokenizer::with_files(files.clone(), backend.max_model_len()),
+        None => Tokenizer::words(cfg.vocab, backend.max_model_len()),
     };
     tok.prepare_vocabulary();
     let cache = metrics::CacheConfigInfo {

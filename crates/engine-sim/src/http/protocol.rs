@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Chat, Tokenizer};
 
 /// An error answered in vLLM's shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -225,8 +225,29 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8], tok: &Tokenizer) -> Result<GenPar
             };
             let add_generation_prompt = get_bool(&body, "add_generation_prompt")?.unwrap_or(true);
             let add_special_tokens = get_bool(&body, "add_special_tokens")?.unwrap_or(false);
+            let tools = match get(&body, "tools") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(t)) => Some(t.as_slice()),
+                Some(_) => return Err(ApiError::field("tools", "Input should be a valid list")),
+            };
+            let template_kwargs = match get(&body, "chat_template_kwargs") {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(o)) => Some(o),
+                Some(_) => {
+                    return Err(ApiError::field(
+                        "chat_template_kwargs",
+                        "Input should be a valid dictionary",
+                    ))
+                }
+            };
             let prompt = tok
-                .chat(messages, add_generation_prompt, add_special_tokens)
+                .chat_request(&Chat {
+                    messages,
+                    add_generation_prompt,
+                    add_special_tokens,
+                    tools,
+                    template_kwargs,
+                })
                 .map_err(|e| ApiError::field("messages", e))?;
             let max_tokens = match get_uint(&body, "max_completion_tokens")? {
                 Some(n) => MaxTokens::Given(n),
@@ -255,11 +276,15 @@ fn completion_prompt(body: &Body, tok: &Tokenizer) -> Result<Vec<u32>, ApiError>
             .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
             .collect()
     };
+    let text = |s: &str| {
+        tok.prompt(s, add_special_tokens)
+            .map_err(|e| ApiError::bad_request(e, Some("prompt")))
+    };
     let prompt = match get(body, "prompt") {
         None => return Err(ApiError::field("prompt", "Field required")),
-        Some(Value::String(s)) => tok.prompt(s, add_special_tokens),
+        Some(Value::String(s)) => text(s)?,
         Some(Value::Array(items)) => match items.as_slice() {
-            [Value::String(s)] => tok.prompt(s, add_special_tokens),
+            [Value::String(s)] => text(s)?,
             [Value::Array(inner)] => ids(inner)
                 .ok_or_else(|| ApiError::field("prompt", "Input should be a list of token ids"))?,
             _ => ids(items).ok_or_else(|| {
@@ -429,10 +454,7 @@ mod tests {
     use super::*;
 
     fn tok() -> Tokenizer {
-        Tokenizer {
-            vocab: 32_000,
-            max_model_len: 100,
-        }
+        Tokenizer::words(32_000, 100)
     }
 
     fn parse_ok(endpoint: Endpoint, body: Value) -> GenParams {
@@ -492,8 +514,8 @@ mod tests {
     #[test]
     fn prompts_as_text_or_token_ids() {
         let p = |prompt: Value| parse_ok(Endpoint::Completions, json!({"prompt": prompt})).prompt;
-        assert_eq!(p(json!("x y")), tok().prompt("x y", true));
-        assert_eq!(p(json!(["x y"])), tok().prompt("x y", true));
+        assert_eq!(p(json!("x y")), tok().words_of("x y", true));
+        assert_eq!(p(json!(["x y"])), tok().words_of("x y", true));
         assert_eq!(p(json!([5, 1200])), vec![5, 1200]);
         assert_eq!(p(json!([[5, 1200]])), vec![5, 1200]);
         for bad in [json!([]), json!([-1]), json!([40_000]), json!({"a": 1})] {

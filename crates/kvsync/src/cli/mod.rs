@@ -58,6 +58,8 @@ enum Command {
         /// A pod's own /tokenize port, used when AIBRIX_REMOTE_TOKENIZER_ENDPOINT is unset.
         #[arg(long, env = "KVSYNC_POD_TOKENIZER_PORT", default_value_t = 8000)]
         pod_tokenizer_port: u16,
+        #[command(flatten)]
+        tokenizers: TokenizerFlags,
         /// Approximate routing (KV sync off): seconds a routing decision counts as cached.
         #[arg(long, env = "KVSYNC_APPROX_TTL_S", default_value_t = 120)]
         approx_ttl_s: u64,
@@ -111,9 +113,12 @@ enum Command {
     /// a pod file for `serve --pods`, an oracle router); one JSON line per engine, then
     /// `ready`; runs until SIGINT or SIGTERM.
     Sim(engine_sim::fleet::SimArgs),
-    /// Print the configuration the AIBRIX_* variables give, and any warning; exit non-zero
-    /// when a value is invalid.
-    Config,
+    /// Print the configuration the AIBRIX_* variables give, which tokenizer each model uses
+    /// (loading the local ones), and any warning; exit non-zero when a value is invalid.
+    Config {
+        #[command(flatten)]
+        tokenizers: TokenizerFlags,
+    },
     /// Subscribe to a vLLM pod's KV events and print each event, gap and restart as a JSON line
     /// (states and bad frames go to stderr).
     Tap {
@@ -138,6 +143,43 @@ enum Command {
         #[arg(long, env = "AIBRIX_KV_EVENT_REPLAY_TIMEOUT_S", default_value_t = 5)]
         replay_timeout_s: u64,
     },
+}
+
+/// `--tokenizer MODEL=DIR` (`serve` and `config`).
+#[derive(clap::Args)]
+struct TokenizerFlags {
+    /// A model's in-process tokenizer: MODEL=DIR, DIR holding the model's Hugging Face files
+    /// (tokenizer.json, tokenizer_config.json; optionally chat_template.jinja,
+    /// special_tokens_map.json, generation_config.json); repeat per model. Split at the first
+    /// `=`; in KVSYNC_TOKENIZERS, entries are separated by commas. Loaded at start; a model
+    /// without one is tokenized by the remote tokenizer.
+    #[arg(
+        long = "tokenizer",
+        value_name = "MODEL=DIR",
+        env = "KVSYNC_TOKENIZERS",
+        value_delimiter = ','
+    )]
+    tokenizers: Vec<String>,
+}
+
+impl TokenizerFlags {
+    /// The `(model, dir)` pairs, checked (no model twice); exits with status 2 on a bad one.
+    fn specs(&self) -> Vec<(String, PathBuf)> {
+        use crate::tokenize::local::{check_specs, parse_spec};
+        let specs: Result<Vec<_>, _> = self
+            .tokenizers
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse_spec(s))
+            .collect();
+        match specs.and_then(|v| check_specs(&v).map(|()| v)) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("kvsync: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
 }
 
 /// `serve`'s flags of the proxy and of the choice (`--policy` and its weights).
@@ -254,7 +296,7 @@ pub fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Capture { file } => tap::capture(&file),
-        Command::Config => {
+        Command::Config { tokenizers } => {
             let parsed = match crate::config::from_process_env() {
                 Ok(p) => p,
                 Err(e) => {
@@ -262,10 +304,42 @@ pub fn main() -> Result<()> {
                     std::process::exit(2);
                 }
             };
+            let specs = tokenizers.specs();
             for w in &parsed.warnings {
                 eprintln!("warning: {w}");
             }
             println!("{:#?}", parsed.config);
+            println!("tokenizers:");
+            for (model, dir) in &specs {
+                match crate::tokenize::local::load_one(model, dir) {
+                    Ok(t) => println!(
+                        "  {model}: local {} (vocabulary {}, chat template: {})",
+                        dir.display(),
+                        t.tok.vocab_size(),
+                        if t.tok.has_chat_template() {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                    ),
+                    Err(e) => {
+                        eprintln!("kvsync: {e}");
+                        std::process::exit(2);
+                    }
+                }
+            }
+            let remote = match &parsed.config.tokenizer {
+                Some(t) => format!("remote {} (AIBRIX_REMOTE_TOKENIZER_ENDPOINT)", t.endpoint),
+                None => {
+                    "remote: each model's own pods' /tokenize (--pod-tokenizer-port)".to_owned()
+                }
+            };
+            let others = if specs.is_empty() {
+                "every model"
+            } else {
+                "other models"
+            };
+            println!("  {others}: {remote}");
             Ok(())
         }
         Command::Serve {
@@ -277,6 +351,7 @@ pub fn main() -> Result<()> {
             tokenizer_timeout_ms,
             tokenizer_max_response_mib,
             pod_tokenizer_port,
+            tokenizers,
             approx_ttl_s,
             approx_block_size,
             approx_max_mib,
@@ -295,6 +370,7 @@ pub fn main() -> Result<()> {
                     std::process::exit(2);
                 }
             };
+            let tokenizers = tokenizers.specs();
             init_logs();
             for w in &parsed.warnings {
                 tracing::warn!("{w}");
@@ -308,6 +384,7 @@ pub fn main() -> Result<()> {
                 tokenizer_timeout: Duration::from_millis(tokenizer_timeout_ms),
                 tokenizer_max_response_bytes: (tokenizer_max_response_mib as usize) << 20,
                 pod_tokenizer_port,
+                tokenizers,
                 approx_ttl: Duration::from_secs(approx_ttl_s),
                 approx_block_size,
                 approx_max_bytes: approx_max_mib << 20,

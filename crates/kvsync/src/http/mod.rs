@@ -1,6 +1,6 @@
-//! The HTTP API: `POST /v1/route`, `GET /v1/pods`, `GET /v1/models`, `/healthz`, `/readyz`,
-//! `/metrics`, and the proxy's `POST /v1/chat/completions` and `/v1/completions`
-//! ([`crate::proxy`]).
+//! The HTTP API: `POST /v1/route`, `POST /tokenize`, `GET /v1/pods`, `GET /v1/models`,
+//! `/healthz`, `/readyz`, `/metrics`, and the proxy's `POST /v1/chat/completions` and
+//! `/v1/completions` ([`crate::proxy`]).
 //!
 //! - this module: the shared [`AppState`], the router, the small read-only handlers;
 //! - `body`: reading a request body within its size and time limits (413 / 408);
@@ -8,6 +8,7 @@
 //! - `route`: the `/v1/route` handler: parse, tokenize, ask the index, let `crate::route`
 //!   choose;
 //! - `answer`: the route answer's JSON;
+//! - `tokenize`: `POST /tokenize` in vLLM's shape, with the tokenizer kvsync routes with;
 //! - [`server`]: the accept loop and connection limits (header timeout, connection cap,
 //!   requests per connection).
 
@@ -16,6 +17,7 @@ mod body;
 pub mod request;
 mod route;
 pub mod server;
+mod tokenize;
 
 use crate::manager::{PodTable, WorkerTable};
 use crate::metrics::Metrics;
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) use body::read_body;
 pub use body::{BODY_TIMEOUT, MAX_BODY, MAX_DRAIN};
-pub(crate) use route::{decide, tokenize};
+pub(crate) use route::{decide, source_of, tokenize_as, Source};
 
 /// Everything the handlers read.
 #[derive(Debug)]
@@ -50,6 +52,8 @@ pub struct AppState {
     pub tokenizer_endpoint: Option<String>,
     /// Port of a pod's own `/tokenize` when no tokenizer is configured.
     pub pod_tokenizer_port: u16,
+    /// The in-process tokenizers (`--tokenizer MODEL=DIR`), used before the remote one.
+    pub local: crate::tokenize::local::LocalTokenizers,
     /// How long a request body may take to arrive (a stalled client does not hold a handler).
     pub body_timeout: Duration,
     /// Whether the index is fed by KV events (otherwise `recent` is the only knowledge).
@@ -67,6 +71,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/route", post(route::route))
+        .route("/tokenize", post(tokenize::tokenize))
         .route("/v1/pods", get(pods))
         .route("/v1/load", get(load))
         .route("/v1/peers/routed", post(peer_routed))

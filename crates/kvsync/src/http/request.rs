@@ -22,6 +22,10 @@ pub struct RouteRequest {
     pub messages: Option<Value>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
+    /// Chat: the tools the template renders (as vLLM's `ChatCompletionRequest.tools`).
+    pub tools: Option<Value>,
+    /// Chat: extra template variables (vLLM's `chat_template_kwargs`).
+    pub chat_template_kwargs: Option<Value>,
 }
 
 /// Token ids read straight into a `Vec<u32>` (no intermediate JSON values).
@@ -88,7 +92,7 @@ fn value<T: DeserializeOwned>(b: &[u8], i: &mut usize) -> Option<T> {
 /// The fast path: `None` whenever it is not sure to agree with serde_json.
 pub fn parse_fast(b: &[u8]) -> Option<RouteRequest> {
     let mut r = RouteRequest::default();
-    let mut seen = 0u8;
+    let mut seen = 0u16;
     let mut i = skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -121,6 +125,8 @@ pub fn parse_fast(b: &[u8]) -> Option<RouteRequest> {
                 b"messages" => 16,
                 b"add_special_tokens" => 32,
                 b"add_generation_prompt" => 64,
+                b"tools" => 128,
+                b"chat_template_kwargs" => 256,
                 _ => 0,
             };
             if seen & bit != 0 {
@@ -140,6 +146,8 @@ pub fn parse_fast(b: &[u8]) -> Option<RouteRequest> {
                 16 => r.messages = value(b, &mut i)?,
                 32 => r.add_special_tokens = value(b, &mut i)?,
                 64 => r.add_generation_prompt = value(b, &mut i)?,
+                128 => r.tools = value(b, &mut i)?,
+                256 => r.chat_template_kwargs = value(b, &mut i)?,
                 _ => {
                     value::<IgnoredAny>(b, &mut i)?;
                 }

@@ -114,6 +114,8 @@ pub(super) async fn route(
                 messages: m,
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
                 add_special_tokens: req.add_special_tokens.unwrap_or(false),
+                tools: req.tools.as_ref(),
+                template_kwargs: req.chat_template_kwargs.as_ref(),
             })
         }
     };
@@ -299,6 +301,47 @@ fn answer(
         .into_response()
 }
 
+/// Which tokenizer answered: in process, or an engine's `/tokenize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Local,
+    Remote,
+}
+
+impl Source {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Remote => "remote",
+        }
+    }
+}
+
+/// A text's tokens, and what tokenized them.
+pub(crate) struct Tokens {
+    pub tokens: Vec<u32>,
+    pub source: Source,
+    /// The engine's `max_model_len`, when a remote tokenizer said.
+    pub max_model_len: Option<u64>,
+}
+
+/// Why a text was not tokenized: the status and message to answer, and what tried.
+pub(crate) struct Failure {
+    pub status: StatusCode,
+    pub message: String,
+    pub source: Source,
+}
+
+/// The tokenizer `name` (a model or an adapter of `base`) is tokenized with: the local one of
+/// `name`, else of `base`, else the remote one.
+pub(crate) fn source_of(s: &AppState, name: &str, base: &str) -> Source {
+    if s.local.get(name).or_else(|| s.local.get(base)).is_some() {
+        Source::Local
+    } else {
+        Source::Remote
+    }
+}
+
 /// Tokenizes with the configured tokenizer, or the model's ready pods in turn; an error is the
 /// status and message to answer.
 pub(crate) async fn tokenize(
@@ -306,31 +349,84 @@ pub(crate) async fn tokenize(
     model: &str,
     text: Text<'_>,
 ) -> Result<Vec<u32>, (StatusCode, String)> {
-    let tokens = match &s.tokenizer_endpoint {
-        Some(base) => s.tokenizer.tokenize(base, model, text).await,
-        None => {
-            let pods = pod_tokenizers(s, model);
-            if pods.is_empty() {
-                return Err((
-                    StatusCode::NOT_FOUND,
-                    format!("unknown model {model:?}: no eligible pod serves it"),
-                ));
-            }
-            s.tokenizer.tokenize_any(&pods, model, text).await
-        }
-    };
-    match tokens {
-        Ok(tokens) if !tokens.is_empty() => Ok(tokens),
+    match tokenize_as(s, model, model, text).await {
+        Ok(t) if !t.tokens.is_empty() => Ok(t.tokens),
         Ok(_) => Err((
             StatusCode::BAD_REQUEST,
             "the text tokenizes to no token".to_owned(),
         )),
+        Err(f) => Err((f.status, f.message)),
+    }
+}
+
+/// Tokenizes `text` for the requested `name` (whose base model is `base`): in process when
+/// either has a local tokenizer (a template error is a 400, naming it), else remotely (the
+/// configured endpoint, or the pods of `name`'s model in turn: a failure is a 502). Times it
+/// in `kvsync_tokenize_seconds{source}`.
+pub(crate) async fn tokenize_as(
+    s: &AppState,
+    name: &str,
+    base: &str,
+    text: Text<'_>,
+) -> Result<Tokens, Failure> {
+    let t0 = Instant::now();
+    if let Some(local) = s.local.get(name).or_else(|| s.local.get(base)) {
+        let r = s.local.encode(local, text).await;
+        s.metrics
+            .api
+            .tokenize_local
+            .observe(t0.elapsed().as_secs_f64());
+        return match r {
+            Ok(tokens) => Ok(Tokens {
+                tokens,
+                source: Source::Local,
+                max_model_len: None,
+            }),
+            Err(e) => Err(Failure {
+                status: if e.is_bad_request() {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                },
+                message: e.to_string(),
+                source: Source::Local,
+            }),
+        };
+    }
+    let remote = match &s.tokenizer_endpoint {
+        Some(endpoint) => s.tokenizer.tokenize(endpoint, name, text).await,
+        None => {
+            let pods = pod_tokenizers(s, base);
+            if pods.is_empty() {
+                return Err(Failure {
+                    status: StatusCode::NOT_FOUND,
+                    message: format!("unknown model {name:?}: no eligible pod serves it"),
+                    source: Source::Remote,
+                });
+            }
+            s.tokenizer.tokenize_any(&pods, name, text).await
+        }
+    };
+    s.metrics
+        .api
+        .tokenize_remote
+        .observe(t0.elapsed().as_secs_f64());
+    match remote {
+        Ok(t) => Ok(Tokens {
+            tokens: t.tokens,
+            source: Source::Remote,
+            max_model_len: t.max_model_len,
+        }),
         Err(e) => {
             s.metrics.api.tokenizer_errors.inc();
             if matches!(e, crate::tokenize::TokenizeError::TooLarge { .. }) {
                 s.metrics.api.tokenizer_oversized.inc();
             }
-            Err((StatusCode::BAD_GATEWAY, format!("tokenizer failed: {e}")))
+            Err(Failure {
+                status: StatusCode::BAD_GATEWAY,
+                message: format!("tokenizer failed: {e}"),
+                source: Source::Remote,
+            })
         }
     }
 }

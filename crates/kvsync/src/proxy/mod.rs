@@ -4,7 +4,7 @@
 //! ```text
 //!  POST /v1/chat/completions | /v1/completions
 //!    read the body (limits as /v1/route) ─▶ model (a LoRA adapter's name selects its pods and
-//!    context), prompt or messages ─▶ tokens (remote /tokenize, as /v1/route) ─▶ http::decide
+//!    context), prompt or messages ─▶ tokens (local or remote, as /v1/route) ─▶ http::decide
 //!    (index + load, route::cost) ─▶ upstream::attempt: the body bytes unchanged to the pod's
 //!    HTTP port over one pooled client ─▶ relay::Relay: the answer frame by frame, guards held
 //!  failure before the first byte (refused, reset, 5xx) ─▶ once more on the next pod
@@ -25,7 +25,7 @@ pub mod metrics;
 pub mod relay;
 pub mod upstream;
 
-use crate::http::AppState;
+use crate::http::{AppState, Source};
 use crate::load::LoadTable;
 use crate::manager::PodTable;
 use crate::route::cost::{self, Policy, Weights};
@@ -189,6 +189,8 @@ struct OpenAiRequest {
     messages: Option<Value>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
+    tools: Option<Value>,
+    chat_template_kwargs: Option<Value>,
 }
 
 /// The two endpoints relayed.
@@ -331,6 +333,8 @@ fn prompt_of(req: &OpenAiRequest, endpoint: Endpoint) -> Result<Prompt<'_>, Stri
                     messages: m,
                     add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
                     add_special_tokens: req.add_special_tokens.unwrap_or(false),
+                    tools: req.tools.as_ref(),
+                    template_kwargs: req.chat_template_kwargs.as_ref(),
                 }))
             }
             _ => Err("`messages` must be a non-empty array".to_owned()),
@@ -350,7 +354,7 @@ fn prompt_of(req: &OpenAiRequest, endpoint: Endpoint) -> Result<Prompt<'_>, Stri
 
 /// The (base model, adapter) of a requested model name: a base model's pods, else the pods
 /// whose adapter label is that name.
-fn resolve(s: &AppState, name: &str) -> Option<(String, Option<String>)> {
+pub(crate) fn resolve(s: &AppState, name: &str) -> Option<(String, Option<String>)> {
     let pods = s.pods.read();
     let targets = || pods.values().filter_map(|v| v.info.target.as_ref().ok());
     if targets().any(|t| t.model == name) {
@@ -409,11 +413,15 @@ async fn forward(s: &AppState, endpoint: Endpoint, headers: HeaderMap, body: Bod
     let tokens = match prompt {
         Prompt::Tokens(t) => t,
         Prompt::None => Vec::new(),
-        Prompt::Text(text) => match crate::http::tokenize(s, name, text).await {
-            Ok(t) => t,
-            Err((_, msg)) => {
+        Prompt::Text(text) => match crate::http::tokenize_as(s, name, &model, text).await {
+            Ok(t) => t.tokens,
+            // The request itself cannot be rendered: the engine would refuse it as well.
+            Err(f) if f.source == Source::Local && f.status == StatusCode::BAD_REQUEST => {
+                return bad(f.message);
+            }
+            Err(f) => {
                 // Routed on load alone rather than refused: the engine tokenizes for itself.
-                tracing::debug!(%msg, "routing without a prefix");
+                tracing::debug!(msg = %f.message, "routing without a prefix");
                 Vec::new()
             }
         },
@@ -566,7 +574,8 @@ fn relayed(
 /// `GET /v1/models`: the models and LoRA adapters of the eligible pods in OpenAI's list shape
 /// (`{"object": "list", "data": [{"id", "object": "model", "created", "owned_by", "root",
 /// "parent"}]}`, as vLLM's `ModelCard`), each entry with kvsync's own `model`, `pods`,
-/// `workers` and `block_size`; `models` keeps the base models' list of earlier versions.
+/// `workers`, `block_size` and `tokenizer` (`local`: in process from the model's files;
+/// `remote`: an engine's `/tokenize`); `models` keeps the base models' list of earlier versions.
 pub async fn models(State(s): State<Arc<AppState>>) -> Response {
     use std::collections::BTreeMap;
     // name → (base model, is adapter, pods, workers)
@@ -592,15 +601,16 @@ pub async fn models(State(s): State<Arc<AppState>>) -> Response {
     for (name, (base, adapter, pods, workers)) in by_name {
         let lora = adapter.then_some(name.as_str());
         let block_size = s.index.block_size(&base, lora);
+        let tokenizer = crate::http::source_of(&s, &name, &base).name();
         data.push(json!({
             "id": name, "object": "model", "created": 0, "owned_by": "kvsync",
             "root": name, "parent": adapter.then_some(&base),
             "model": base, "lora": lora, "pods": pods, "workers": workers,
-            "block_size": block_size,
+            "block_size": block_size, "tokenizer": tokenizer,
         }));
         if !adapter {
             old.push(json!({"model": name, "pods": pods, "workers": workers,
-                            "block_size": block_size}));
+                            "block_size": block_size, "tokenizer": tokenizer}));
         }
     }
     Json(json!({"object": "list", "data": data, "models": old})).into_response()

@@ -1,8 +1,14 @@
-//! The remote tokenizer: the engine's own `POST /tokenize` (vLLM's schema), so the router's
-//! token ids are exactly the engine's. One client for the service: pooled HTTP/1.1
-//! connections to every endpoint it asks, a timeout per request. Either the configured
-//! endpoint is asked, or ([`Tokenizer::tokenize_any`]) the model's own pods, in turn, the next
-//! one when a pod cannot be connected to.
+//! Tokenizing a request's text, as the engine does.
+//!
+//! - [`local`]: in process, from the model's Hugging Face files (`--tokenizer MODEL=DIR`), via
+//!   `hf_tokenize`: the fast path, exact by the parity tests of that crate.
+//! - this module: the remote tokenizer, the engine's own `POST /tokenize` (vLLM's schema),
+//!   exact by construction, the fallback for a model without local files. One client for the
+//!   service: pooled HTTP/1.1 connections to every endpoint it asks, a timeout per request.
+//!   Either the configured endpoint is asked, or ([`Tokenizer::tokenize_any`]) the model's own
+//!   pods, in turn, the next one when a pod cannot be connected to.
+
+pub mod local;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -70,7 +76,18 @@ pub enum Text<'a> {
         messages: &'a Value,
         add_generation_prompt: bool,
         add_special_tokens: bool,
+        /// The request's `tools` (templates that support tools render them).
+        tools: Option<&'a Value>,
+        /// The request's `chat_template_kwargs` (e.g. `enable_thinking`).
+        template_kwargs: Option<&'a Value>,
     },
+}
+
+/// A `/tokenize` answer: the ids, and the engine's `max_model_len` when it said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokenized {
+    pub tokens: Vec<u32>,
+    pub max_model_len: Option<u64>,
 }
 
 impl Tokenizer {
@@ -100,7 +117,7 @@ impl Tokenizer {
         bases: &[String],
         model: &str,
         text: Text<'_>,
-    ) -> Result<Vec<u32>, TokenizeError> {
+    ) -> Result<Tokenized, TokenizeError> {
         let start = self.next.fetch_add(1, Relaxed);
         let mut last = None;
         for base in attempt_order(bases, start) {
@@ -125,7 +142,7 @@ impl Tokenizer {
         base: &str,
         model: &str,
         text: Text<'_>,
-    ) -> Result<Vec<u32>, TokenizeError> {
+    ) -> Result<Tokenized, TokenizeError> {
         let body = match text {
             Text::Prompt {
                 prompt,
@@ -137,9 +154,20 @@ impl Tokenizer {
                 messages,
                 add_generation_prompt,
                 add_special_tokens,
-            } => json!({"model": model, "messages": messages,
-                        "add_generation_prompt": add_generation_prompt,
-                        "add_special_tokens": add_special_tokens}),
+                tools,
+                template_kwargs,
+            } => {
+                let mut b = json!({"model": model, "messages": messages,
+                            "add_generation_prompt": add_generation_prompt,
+                            "add_special_tokens": add_special_tokens});
+                if let Some(t) = tools.filter(|t| !t.is_null()) {
+                    b["tools"] = t.clone();
+                }
+                if let Some(k) = template_kwargs.filter(|k| !k.is_null()) {
+                    b["chat_template_kwargs"] = k.clone();
+                }
+                b
+            }
         };
         let endpoint = format!("{}/tokenize", base.trim_end_matches('/'));
         let req = hyper::Request::post(&endpoint)
@@ -205,7 +233,7 @@ impl Tokenizer {
             endpoint: endpoint.clone(),
             body: text.clone(),
         })?;
-        v["tokens"]
+        let tokens = v["tokens"]
             .as_array()
             .and_then(|a| {
                 a.iter()
@@ -215,7 +243,11 @@ impl Tokenizer {
             .ok_or(TokenizeError::Malformed {
                 endpoint,
                 body: text,
-            })
+            })?;
+        Ok(Tokenized {
+            tokens,
+            max_model_len: v["max_model_len"].as_u64(),
+        })
     }
 }
 
