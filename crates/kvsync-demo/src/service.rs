@@ -108,25 +108,21 @@ impl Service {
         pods: usize,
         log: PathBuf,
     ) -> Result<Service> {
-        Service::start_with(bin, pods_file, kv_sync, tokenizer, pods, log, &[]).await
+        Service::start_at(
+            free_addr()?,
+            bin,
+            pods_file,
+            kv_sync,
+            tokenizer,
+            pods,
+            log,
+            &[],
+        )
+        .await
     }
 
-    /// [`Service::start`] with more `serve` arguments.
-    pub async fn start_with(
-        bin: &Path,
-        pods_file: &Path,
-        kv_sync: bool,
-        tokenizer: SocketAddr,
-        pods: usize,
-        log: PathBuf,
-        extra: &[String],
-    ) -> Result<Service> {
-        let addr = free_addr()?;
-        Service::start_at(addr, bin, pods_file, kv_sync, tokenizer, pods, log, extra).await
-    }
-
-    /// [`Service::start_with`] listening on `addr` (e.g. one of [`free_addr`], chosen before
-    /// starting replicas that name each other as peers).
+    /// [`Service::start`] listening on `addr` (e.g. one of [`free_addr`], chosen before
+    /// starting replicas that name each other as peers), with more `serve` arguments.
     #[allow(clippy::too_many_arguments)]
     pub async fn start_at(
         addr: SocketAddr,

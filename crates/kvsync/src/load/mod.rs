@@ -26,6 +26,32 @@ use std::time::{Duration, Instant};
 pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 /// A scraped reading older than this many intervals is ignored.
 pub const STALE_INTERVALS: u32 = 3;
+/// `GET url`'s body when it answers 200 within `timeout` and in at most `limit` bytes (the
+/// scraper's and the peer reader's one request shape); `None` otherwise.
+pub(crate) async fn get_limited(
+    client: &crate::proxy::upstream::HttpClient,
+    url: &str,
+    limit: usize,
+    timeout: Duration,
+) -> Option<bytes::Bytes> {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .ok()?;
+    let call = async {
+        let resp = client.request(req).await.ok()?;
+        if resp.status() != hyper::StatusCode::OK {
+            return None;
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .ok()?;
+        Some(body.to_bytes())
+    };
+    tokio::time::timeout(timeout, call).await.ok().flatten()
+}
+
 /// Longest wait, in scrape intervals, before a pod whose `/metrics` keeps failing is asked
 /// again (32 s at the default 1 s interval): the wait doubles per failure in a row from one
 /// interval, and one good answer brings the pod back to every interval.

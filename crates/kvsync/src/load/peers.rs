@@ -25,7 +25,7 @@
 use super::LoadTable;
 use crate::proxy::upstream::HttpClient;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -109,22 +109,9 @@ async fn resolve(peers: &[String]) -> (Vec<SocketAddr>, usize) {
 }
 
 async fn read_one(client: &HttpClient, addr: SocketAddr, timeout: Duration) -> Option<Value> {
-    let req = hyper::Request::get(format!("http://{addr}/v1/load"))
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let call = async {
-        let resp = client.request(req).await.ok()?;
-        if resp.status() != hyper::StatusCode::OK {
-            return None;
-        }
-        let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .ok()?
-            .to_bytes();
-        serde_json::from_slice(&body).ok()
-    };
-    tokio::time::timeout(timeout, call).await.ok().flatten()
+    let url = format!("http://{addr}/v1/load");
+    let body = super::get_limited(client, &url, MAX_ANSWER_BYTES, timeout).await?;
+    serde_json::from_slice(&body).ok()
 }
 
 /// One round: resolve the peers, read each one's load, and set every pod's peer sums (pods no

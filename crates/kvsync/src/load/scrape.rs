@@ -12,8 +12,6 @@
 use super::{LoadTable, Scraped};
 use crate::manager::PodTable;
 use crate::proxy::upstream::HttpClient;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,22 +102,14 @@ pub fn eligible(pods: &PodTable) -> Vec<(String, String)> {
 }
 
 async fn scrape_one(client: &HttpClient, url: &str, timeout: Duration) -> Option<(f64, f64, f64)> {
-    let req = hyper::Request::get(format!("{url}/metrics"))
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let call = async {
-        let resp = client.request(req).await.ok()?;
-        if resp.status() != hyper::StatusCode::OK {
-            return None;
-        }
-        let body = Limited::new(resp.into_body(), MAX_METRICS_BYTES)
-            .collect()
-            .await
-            .ok()?
-            .to_bytes();
-        parse(std::str::from_utf8(&body).ok()?)
-    };
-    tokio::time::timeout(timeout, call).await.ok().flatten()
+    let body = super::get_limited(
+        client,
+        &format!("{url}/metrics"),
+        MAX_METRICS_BYTES,
+        timeout,
+    )
+    .await?;
+    parse(std::str::from_utf8(&body).ok()?)
 }
 
 /// One round: sync the table with the eligible pods, then scrape once each pod that is not
