@@ -354,7 +354,7 @@ fn setup() -> (Arc<AppState>, Vec<u32>, usize) {
             kvsync::tokenize::MAX_RESPONSE_BYTES,
         ),
         tokenizer_endpoint: None,
-        pod_tokenizer_port: 8000,
+        pod_tokenizer_port: None,
         local: Default::default(),
         body_timeout: kvsync::http::BODY_TIMEOUT,
         kv_sync: true,

@@ -31,8 +31,9 @@ pub struct Options {
     pub tokenizer_timeout: Duration,
     /// Largest tokenizer answer read.
     pub tokenizer_max_response_bytes: usize,
-    /// Port of a pod's own `/tokenize` when no remote tokenizer endpoint is configured.
-    pub pod_tokenizer_port: u16,
+    /// Port of a pod's own `/tokenize` when no remote tokenizer endpoint is configured (None:
+    /// each pod's HTTP port, `model.aibrix.ai/port`).
+    pub pod_tokenizer_port: Option<u16>,
     /// In-process tokenizers, `(model, directory of its Hugging Face files)`
     /// (`--tokenizer MODEL=DIR`, `KVSYNC_TOKENIZERS`), loaded at start; other models use the
     /// remote tokenizer.
@@ -68,7 +69,7 @@ impl Default for Options {
             index_max_bytes: 1 << 30,
             tokenizer_timeout: Duration::from_secs(5),
             tokenizer_max_response_bytes: crate::tokenize::MAX_RESPONSE_BYTES,
-            pod_tokenizer_port: 8000,
+            pod_tokenizer_port: None,
             tokenizers: Vec::new(),
             approx_ttl: Duration::from_secs(120),
             approx_block_size: 16,

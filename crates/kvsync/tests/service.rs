@@ -794,7 +794,7 @@ async fn pod_tokenizers_are_spread_pooled_and_failed_over() {
     let mut cfg = config(false, b_addr);
     cfg.tokenizer = None;
     let mut opts = options(file.clone());
-    opts.pod_tokenizer_port = port;
+    opts.pod_tokenizer_port = Some(port);
     let (running, http) = start_listed(cfg, opts).await;
     let n = 30;
     for i in 0..n {
@@ -820,6 +820,34 @@ async fn pod_tokenizers_are_spread_pooled_and_failed_over() {
         b_conns + c_conns <= 4,
         "pooled: {b_conns} + {c_conns} connections for {n} requests"
     );
+    running.stop().await.expect("clean stop");
+    passed(&file);
+}
+
+/// Without `--pod-tokenizer-port`, a pod's `/tokenize` is asked on its own HTTP port (the
+/// `model.aibrix.ai/port` annotation, where the proxy sends its requests too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_tokenizer_is_asked_on_its_annotated_http_port() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (addr, counts, _t) = counting_tokenizer("127.0.0.5", 0).await;
+    let pod = pod_at("p", "127.0.0.5").replace(
+        "status:\n",
+        &format!(
+            "  annotations:\n    model.aibrix.ai/port: \"{}\"\nstatus:\n",
+            addr.port()
+        ),
+    );
+    let file = temp_file("pod-http-port", &pod);
+    let mut cfg = config(false, addr);
+    cfg.tokenizer = None;
+    let opts = options(file.clone());
+    assert_eq!(opts.pod_tokenizer_port, None);
+    let (running, http) = start_listed(cfg, opts).await;
+    let (s, r) = http
+        .route(&json!({"model": MODEL, "prompt": "1 2 3 4"}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(counts[1].load(Relaxed), 1, "asked on the annotated port");
     running.stop().await.expect("clean stop");
     passed(&file);
 }

@@ -55,9 +55,11 @@ enum Command {
         #[arg(long, env = "KVSYNC_TOKENIZER_MAX_RESPONSE_MIB", default_value_t = 32,
               value_parser = clap::value_parser!(u64).range(1..=4096))]
         tokenizer_max_response_mib: u64,
-        /// A pod's own /tokenize port, used when AIBRIX_REMOTE_TOKENIZER_ENDPOINT is unset.
-        #[arg(long, env = "KVSYNC_POD_TOKENIZER_PORT", default_value_t = 8000)]
-        pod_tokenizer_port: u16,
+        /// A pod's own /tokenize port, used when AIBRIX_REMOTE_TOKENIZER_ENDPOINT is unset
+        /// (default: each pod's HTTP port, its model.aibrix.ai/port annotation or 8000).
+        #[arg(long, env = "KVSYNC_POD_TOKENIZER_PORT",
+              value_parser = clap::value_parser!(u16).range(1..))]
+        pod_tokenizer_port: Option<u16>,
         #[command(flatten)]
         tokenizers: TokenizerFlags,
         /// Approximate routing (KV sync off): seconds a routing decision counts as cached.

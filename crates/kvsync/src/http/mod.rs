@@ -50,8 +50,9 @@ pub struct AppState {
     /// The configured remote tokenizer (`http://host:port`), if any; otherwise the model's
     /// own pods are asked.
     pub tokenizer_endpoint: Option<String>,
-    /// Port of a pod's own `/tokenize` when no tokenizer is configured.
-    pub pod_tokenizer_port: u16,
+    /// Port of a pod's own `/tokenize` when no tokenizer is configured (None: the pod's HTTP
+    /// port).
+    pub pod_tokenizer_port: Option<u16>,
     /// The in-process tokenizers (`--tokenizer MODEL=DIR`), used before the remote one.
     pub local: crate::tokenize::local::LocalTokenizers,
     /// How long a request body may take to arrive (a stalled client does not hold a handler).

@@ -32,10 +32,11 @@ fn pod_tokenizers(s: &AppState, model: &str) -> Vec<String> {
         .filter_map(|v| v.info.target.as_ref().ok())
         .filter(|t| t.model == model)
         .map(|t| {
+            let port = s.pod_tokenizer_port.unwrap_or(t.http_port);
             if t.ip.contains(':') {
-                format!("http://[{}]:{}", t.ip, s.pod_tokenizer_port)
+                format!("http://[{}]:{port}", t.ip)
             } else {
-                format!("http://{}:{}", t.ip, s.pod_tokenizer_port)
+                format!("http://{}:{port}", t.ip)
             }
         })
         .collect()
