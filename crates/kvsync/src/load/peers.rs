@@ -39,8 +39,12 @@ pub const MAX_PEERS: usize = 64;
 pub const SHARE_QUEUE: usize = 4096;
 /// Most decisions in one push (and accepted in one).
 pub const MAX_DECISIONS_PER_PUSH: usize = 256;
-/// Most blocks of one shared decision (a longer prompt shares its first blocks).
-pub const MAX_SHARED_BLOCKS: usize = 16_384;
+/// Most blocks of one shared decision (a longer prompt shares its first blocks: 8192 blocks
+/// are 128k tokens at block size 16).
+pub const MAX_SHARED_BLOCKS: usize = 8192;
+/// Most blocks in one push, all decisions together: at most ~21 bytes each in JSON, so a push
+/// stays near 1.4 MB, well under the receiver's 4 MiB body limit.
+pub const MAX_BLOCKS_PER_PUSH: usize = 65_536;
 /// Largest `/v1/load` answer read (one line per pod with load: ~80 bytes each).
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Most pods taken from one peer's answer.
@@ -305,32 +309,61 @@ pub async fn push(
         if addrs.is_empty() {
             continue;
         }
-        let body = Bytes::from(push_body(table.instance(), &batch).to_string());
-        let sends = addrs.iter().map(|a| {
-            let req = hyper::Request::post(format!("http://{a}/v1/peers/routed"))
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body.clone()));
-            let client = &client;
-            async move {
-                let req = req.ok()?;
-                let call = async { client.request(req).await.ok().map(|r| r.status()) };
-                tokio::time::timeout(timeout, call).await.ok().flatten()
+        for part in split_by_blocks(&batch, MAX_BLOCKS_PER_PUSH) {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = push_part(&table, &client, &addrs, part, timeout) => {}
             }
-        });
-        let results = tokio::select! {
-            () = stop.cancelled() => return,
-            r = futures::future::join_all(sends) => r,
-        };
-        let ok = results
-            .iter()
-            .filter(|r| r.is_some_and(|s| s.is_success()))
-            .count();
-        table
-            .peer_errors
-            .fetch_add((results.len() - ok) as u64, Relaxed);
-        if ok > 0 {
-            share.pushed.fetch_add(batch.len() as u64, Relaxed);
         }
+    }
+}
+
+/// `batch` in runs of at most `max_blocks` blocks (a decision longer than that alone).
+fn split_by_blocks(batch: &[Decision], max_blocks: usize) -> Vec<&[Decision]> {
+    let mut parts = Vec::new();
+    let (mut start, mut blocks) = (0, 0);
+    for (i, d) in batch.iter().enumerate() {
+        if i > start && blocks + d.chain.len() > max_blocks {
+            parts.push(&batch[start..i]);
+            (start, blocks) = (i, 0);
+        }
+        blocks += d.chain.len();
+    }
+    if start < batch.len() {
+        parts.push(&batch[start..]);
+    }
+    parts
+}
+
+/// Sends one push to every peer at once; counts the failures and the decisions delivered.
+async fn push_part(
+    table: &LoadTable,
+    client: &HttpClient,
+    addrs: &[SocketAddr],
+    batch: &[Decision],
+    timeout: Duration,
+) {
+    let body = Bytes::from(push_body(table.instance(), batch).to_string());
+    let sends = addrs.iter().map(|a| {
+        let req = hyper::Request::post(format!("http://{a}/v1/peers/routed"))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body.clone()));
+        async move {
+            let req = req.ok()?;
+            let call = async { client.request(req).await.ok().map(|r| r.status()) };
+            tokio::time::timeout(timeout, call).await.ok().flatten()
+        }
+    });
+    let results = futures::future::join_all(sends).await;
+    let ok = results
+        .iter()
+        .filter(|r| r.is_some_and(|s| s.is_success()))
+        .count();
+    table
+        .peer_errors
+        .fetch_add((results.len() - ok) as u64, Relaxed);
+    if ok > 0 {
+        table.share.pushed.fetch_add(batch.len() as u64, Relaxed);
     }
 }
 
@@ -395,6 +428,30 @@ mod tests {
         let got = parse_push(1, &bad).expect("parsed");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].pod, "z");
+    }
+
+    #[test]
+    fn pushes_are_split_by_blocks() {
+        let d = |n: usize| Decision {
+            pod: "p".into(),
+            rank: 0,
+            chain: vec![1; n],
+        };
+        let batch = vec![d(3), d(3), d(5), d(1), d(9)];
+        let sizes: Vec<usize> = split_by_blocks(&batch, 6).iter().map(|p| p.len()).collect();
+        assert_eq!(sizes, [2, 2, 1], "3+3 | 5+1 | 9 alone");
+        assert!(split_by_blocks(&[], 6).is_empty());
+        // The largest push within the receiver's body limit.
+        let max = vec![
+            Decision {
+                pod: "default/a-pod-name-of-some-length".into(),
+                rank: 7,
+                chain: vec![u64::MAX; MAX_BLOCKS_PER_PUSH],
+            };
+            1
+        ];
+        let body = push_body(u64::MAX, &max).to_string();
+        assert!(body.len() < crate::http::MAX_BODY, "{} bytes", body.len());
     }
 
     #[tokio::test]
