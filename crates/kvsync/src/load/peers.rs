@@ -119,7 +119,8 @@ async fn read_one(client: &HttpClient, addr: SocketAddr, timeout: Duration) -> O
 }
 
 /// One round: resolve the peers, read each one's load, and set every pod's peer sums (pods no
-/// peer holds anything on get zeros, stamped now: they are known idle, not unknown).
+/// peer holds anything on get zeros, stamped now: they are known idle, not unknown; when no
+/// peer could be read, nothing is set).
 pub async fn round(table: &LoadTable, peers: &[String], client: &HttpClient, timeout: Duration) {
     let (addrs, unresolved) = resolve(peers).await;
     table.peer_errors.fetch_add(unresolved as u64, Relaxed);
@@ -150,6 +151,11 @@ pub async fn round(table: &LoadTable, peers: &[String], client: &HttpClient, tim
     }
     table.peers_read.store(peers_read, Relaxed);
     *table.peer_addrs.write() = peer_addrs;
+    if peers_read == 0 {
+        // Nothing known this round: the last readings age out (stale after three intervals)
+        // rather than being replaced by zeros.
+        return;
+    }
     let now = Instant::now();
     for p in table.all() {
         let (n, t) = sums.get(&p.key).copied().unwrap_or((0, 0));
@@ -196,7 +202,7 @@ pub struct Decision {
 pub struct Share {
     tx: Option<tokio::sync::mpsc::Sender<Decision>>,
     rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Decision>>>,
-    /// Decisions dropped because the queue was full.
+    /// Decisions dropped: the queue was full, or no peer was known when they were taken.
     pub dropped: std::sync::atomic::AtomicU64,
     /// Decisions pushed to at least one peer.
     pub pushed: std::sync::atomic::AtomicU64,
@@ -307,6 +313,8 @@ pub async fn push(
         }
         let addrs = table.peer_addrs.read().clone();
         if addrs.is_empty() {
+            // No peer answered the last read: these decisions reach no one.
+            share.dropped.fetch_add(batch.len() as u64, Relaxed);
             continue;
         }
         for part in split_by_blocks(&batch, MAX_BLOCKS_PER_PUSH) {

@@ -223,7 +223,7 @@ impl prometheus_client::collector::Collector for PerPod {
             ),
             (
                 "peer_decisions_dropped",
-                "Routing decisions not pushed to the peers: their queue was full",
+                "Routing decisions not pushed to the peers: their queue was full, or no peer answered the last read",
                 self.load.share.dropped.load(Relaxed),
             ),
             (
