@@ -20,12 +20,34 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Failures in a row (connection refused/reset, 5xx before the first byte) that put a pod in
 /// cool-down.
 pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 /// A scraped reading older than this many intervals is ignored.
 pub const STALE_INTERVALS: u32 = 3;
+/// Runs `f` every `interval` (a slow run delays the next tick rather than bunching them)
+/// until `stop`, which also cuts a run short.
+pub(crate) async fn every<F, Fut>(interval: Duration, stop: CancellationToken, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = f() => {}
+        }
+    }
+}
+
 /// `GET url`'s body when it answers 200 within `timeout` and in at most `limit` bytes (the
 /// scraper's and the peer reader's one request shape); `None` otherwise.
 pub(crate) async fn get_limited(

@@ -174,19 +174,8 @@ pub async fn run(
     if peers.is_empty() {
         return;
     }
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = interval.max(Duration::from_millis(50));
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = round(&table, &peers, &client, timeout) => {}
-        }
-    }
+    super::every(interval, stop, || round(&table, &peers, &client, timeout)).await;
 }
 
 /// One routing decision, for the peers: the prompt's block chain went to (pod, rank).

@@ -150,18 +150,7 @@ pub async fn run(
     client: HttpClient,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(table.interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = round(&table, &pods, &client) => {}
-        }
-    }
+    super::every(table.interval(), stop, || round(&table, &pods, &client)).await;
 }
 
 #[cfg(test)]
