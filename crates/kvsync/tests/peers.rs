@@ -93,3 +93,88 @@ async fn replicas_read_each_others_load_and_count_each_others_decisions() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A request one replica holds in flight on a pod (its engine has not answered) shows in the
+/// other replica's estimate for that pod: its `/v1/route` score counts the peer's request and
+/// its uncached tokens, and charges them as queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_through_one_replica_weighs_in_the_others_choice() {
+    let tok = TokenizerServer::start().await.expect("tokenizer");
+    // The engine holds every request until the test lets it go.
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let slow = scripted_engine("slow", move || {
+        let gate = gate.clone();
+        async move {
+            let _ = gate.acquire().await;
+            "done"
+        }
+    });
+    let (pa, pb) = (free_addr(), free_addr());
+    let both = vec![pa.to_string(), pb.to_string()];
+    let peered = |peers: Vec<String>| kvsync::proxy::ProxyConfig {
+        peers,
+        peer_interval: Duration::from_millis(50),
+        ..proxy_config(Policy::KvAware)
+    };
+    let a = Kvsync::start_at(
+        pa,
+        "held-a",
+        &[&slow],
+        false,
+        tok.addr,
+        peered(both.clone()),
+    )
+    .await;
+    let b = Kvsync::start_at(pb, "held-b", &[&slow], false, tok.addr, peered(both)).await;
+    let ids: Vec<u32> = (1..=512).collect();
+    let body = json!({"model": MODEL, "prompt": ids, "max_tokens": 1});
+    let held = {
+        let a = &a;
+        async move { a.json("POST", "/v1/completions", body).await }
+    };
+    let watch = async {
+        b.await_until("b sees a's request in flight", |k| async move {
+            let (_, _, v) = k
+                .json(
+                    "POST",
+                    "/v1/route",
+                    json!({"model": MODEL, "token_ids": [9001, 9002]}),
+                )
+                .await;
+            let s = &v["pods"][0]["score"];
+            s["peer_in_flight"] == 1 && s["peer_prefill_tokens"] == 512 && s["in_flight"] == 0
+        })
+        .await;
+        let (_, _, v) = b
+            .json(
+                "POST",
+                "/v1/route",
+                json!({"model": MODEL, "token_ids": [9001, 9002]}),
+            )
+            .await;
+        let s = &v["pods"][0]["score"];
+        // 512 tokens at the default 250 µs each: 0.128 s of queue ahead.
+        assert!(
+            s["queue_s"].as_f64().is_some_and(|q| q >= 0.128 - 1e-9),
+            "{v}"
+        );
+        release.add_permits(1);
+    };
+    let ((status, _, answer), ()) = tokio::join!(held, watch);
+    assert_eq!(status, 200, "{answer}");
+    b.await_until("a's request is over for b too", |k| async move {
+        let (_, _, v) = k
+            .json(
+                "POST",
+                "/v1/route",
+                json!({"model": MODEL, "token_ids": [9001, 9002]}),
+            )
+            .await;
+        v["pods"][0]["score"]["peer_in_flight"] == 0
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    tok.stop().await;
+}

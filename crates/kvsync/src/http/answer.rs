@@ -14,6 +14,9 @@ pub(super) struct Score {
     /// This replica's requests in flight on the pod, and their tokens still to prefill.
     pub(super) in_flight: u64,
     pub(super) prefill_tokens: u64,
+    /// The peer replicas' (`--peers`, last fresh reading), summed.
+    pub(super) peer_in_flight: u64,
+    pub(super) peer_prefill_tokens: u64,
     /// The pod's last fresh scrape (null without one).
     pub(super) waiting: Option<f64>,
     pub(super) running: Option<f64>,
@@ -32,6 +35,8 @@ impl Score {
             uncached_tokens: c.cost.uncached_tokens,
             in_flight: c.load.in_flight,
             prefill_tokens: c.load.prefill_tokens,
+            peer_in_flight: c.load.peer_in_flight,
+            peer_prefill_tokens: c.load.peer_prefill_tokens,
             waiting: sc.map(|s| s.waiting),
             running: sc.map(|s| s.running),
             kv_usage: sc.map(|s| s.kv_usage),
@@ -56,6 +61,8 @@ impl Score {
         u(out, br#","uncached_tokens":"#, self.uncached_tokens);
         u(out, br#","in_flight":"#, self.in_flight);
         u(out, br#","prefill_tokens":"#, self.prefill_tokens);
+        u(out, br#","peer_in_flight":"#, self.peer_in_flight);
+        u(out, br#","peer_prefill_tokens":"#, self.peer_prefill_tokens);
         f(out, br#","waiting":"#, self.waiting);
         f(out, br#","running":"#, self.running);
         f(out, br#","kv_usage":"#, self.kv_usage);
@@ -201,6 +208,8 @@ mod tests {
                 uncached_tokens: 12,
                 in_flight: 3,
                 prefill_tokens: u64::MAX,
+                peer_in_flight: 2,
+                peer_prefill_tokens: 1 << 40,
                 waiting: None,
                 running: Some(2.5),
                 kv_usage: Some(0.125),
