@@ -194,67 +194,55 @@ impl prometheus_client::collector::Collector for PerPod {
             "Seconds since each pod's last successful scrape",
             &age,
         )?;
-        let c = ConstCounter::new(self.load.stale_readings.load(Relaxed));
-        c.encode(e.encode_descriptor(
-            "stale_readings",
-            "Scraped readings a decision ignored as older than 3 scrape intervals",
-            None,
-            c.metric_type(),
-        )?)?;
-        let c = ConstCounter::new(self.load.scrape_errors.load(Relaxed));
-        c.encode(e.encode_descriptor(
-            "scrape_errors",
-            "Scrapes of a pod's /metrics that failed",
-            None,
-            c.metric_type(),
-        )?)?;
-        let c = ConstCounter::new(self.load.peer_errors.load(Relaxed));
-        c.encode(e.encode_descriptor(
-            "peer_errors",
-            "Reads of a peer replica's /v1/load that failed (name unresolved, unreachable, timeout, bad answer)",
-            None,
-            c.metric_type(),
-        )?)?;
+        use crate::metrics::{counter, gauge};
+        let l = &self.load;
         for (name, help, v) in [
+            (
+                "stale_readings",
+                "Scraped readings a decision ignored as older than 3 scrape intervals",
+                l.stale_readings.load(Relaxed),
+            ),
+            (
+                "scrape_errors",
+                "Scrapes of a pod's /metrics that failed",
+                l.scrape_errors.load(Relaxed),
+            ),
+            (
+                "peer_errors",
+                "Reads of a peer replica's /v1/load that failed (name unresolved, unreachable, timeout, bad answer)",
+                l.peer_errors.load(Relaxed),
+            ),
             (
                 "peer_decisions_pushed",
                 "Routing decisions pushed to the peer replicas",
-                self.load.share.pushed.load(Relaxed),
+                l.share.pushed.load(Relaxed),
             ),
             (
                 "peer_decisions_dropped",
                 "Routing decisions not pushed to the peers: their queue was full, or no peer answered the last read",
-                self.load.share.dropped.load(Relaxed),
+                l.share.dropped.load(Relaxed),
             ),
             (
                 "peer_decisions_received",
                 "Routing decisions received from the peer replicas",
-                self.load.share.received.load(Relaxed),
+                l.share.received.load(Relaxed),
             ),
         ] {
-            let c = ConstCounter::new(v);
-            c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)?;
+            counter(&mut e, name, help, v)?;
         }
-        let g = ConstGauge::new(self.load.peers_read.load(Relaxed) as i64);
-        g.encode(e.encode_descriptor(
+        gauge(
+            &mut e,
             "peers",
             "Peer replicas whose in-flight load was read in the last round (--peers)",
-            None,
-            g.metric_type(),
-        )?)?;
-        let backing_off = self
-            .load
-            .all()
-            .iter()
-            .filter(|p| p.scrape_backing_off())
-            .count();
-        let g = ConstGauge::new(backing_off as i64);
-        g.encode(e.encode_descriptor(
+            l.peers_read.load(Relaxed) as i64,
+        )?;
+        let backing_off = l.all().iter().filter(|p| p.scrape_backing_off()).count();
+        gauge(
+            &mut e,
             "scrape_backoff_pods",
             "Pods whose /metrics failed twice or more in a row, scraped less often (up to every 32 intervals) until one answers",
-            None,
-            g.metric_type(),
-        )?)?;
+            backing_off as i64,
+        )?;
         Ok(())
     }
 }
