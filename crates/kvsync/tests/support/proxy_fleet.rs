@@ -136,7 +136,15 @@ pub struct HttpEngine {
 }
 
 impl HttpEngine {
-    pub fn start(name: &str, backend: Arc<dyn Backend>) -> HttpEngine {
+    /// An engine called `name` whose HTTP server is `serve` on a loopback listener, on a
+    /// runtime of its own (dropping it closes every connection at once).
+    fn serving<F>(
+        name: &str,
+        serve: impl FnOnce(tokio::net::TcpListener) -> F + Send + 'static,
+    ) -> HttpEngine
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
@@ -147,13 +155,7 @@ impl HttpEngine {
             .expect("runtime");
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            let _ = engine_sim::http::serve(
-                listener,
-                backend,
-                HttpConfig::new(MODEL),
-                std::future::pending(),
-            )
-            .await;
+            serve(listener).await;
         });
         HttpEngine {
             name: name.to_owned(),
@@ -162,6 +164,18 @@ impl HttpEngine {
             dp_size: 1,
             rt: Some(rt),
         }
+    }
+
+    pub fn start(name: &str, backend: Arc<dyn Backend>) -> HttpEngine {
+        HttpEngine::serving(name, move |listener| async move {
+            let _ = engine_sim::http::serve(
+                listener,
+                backend,
+                HttpConfig::new(MODEL),
+                std::future::pending(),
+            )
+            .await;
+        })
     }
 
     pub fn evented(name: &str, seed: u64) -> HttpEngine {
@@ -215,28 +229,12 @@ where
     T: 'static,
 {
     use axum::routing::post;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let port = listener.local_addr().expect("addr").port();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.spawn(async move {
+    HttpEngine::serving(name, move |listener| async move {
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(answer.clone()))
             .route("/v1/completions", post(answer));
-        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         let _ = axum::serve(listener, app).await;
-    });
-    HttpEngine {
-        name: name.to_owned(),
-        port,
-        kv_ports: None,
-        dp_size: 1,
-        rt: Some(rt),
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
