@@ -135,24 +135,12 @@ async fn a_request_in_flight_through_one_replica_weighs_in_the_others_choice() {
     };
     let watch = async {
         b.await_until("b sees a's request in flight", |k| async move {
-            let (_, _, v) = k
-                .json(
-                    "POST",
-                    "/v1/route",
-                    json!({"model": MODEL, "token_ids": [9001, 9002]}),
-                )
-                .await;
+            let v = route(k, &[9001, 9002]).await;
             let s = &v["pods"][0]["score"];
             s["peer_in_flight"] == 1 && s["peer_prefill_tokens"] == 512 && s["in_flight"] == 0
         })
         .await;
-        let (_, _, v) = b
-            .json(
-                "POST",
-                "/v1/route",
-                json!({"model": MODEL, "token_ids": [9001, 9002]}),
-            )
-            .await;
+        let v = route(&b, &[9001, 9002]).await;
         let s = &v["pods"][0]["score"];
         // 512 tokens at the default 250 µs each: 0.128 s of queue ahead.
         assert!(
@@ -164,14 +152,7 @@ async fn a_request_in_flight_through_one_replica_weighs_in_the_others_choice() {
     let ((status, _, answer), ()) = tokio::join!(held, watch);
     assert_eq!(status, 200, "{answer}");
     b.await_until("a's request is over for b too", |k| async move {
-        let (_, _, v) = k
-            .json(
-                "POST",
-                "/v1/route",
-                json!({"model": MODEL, "token_ids": [9001, 9002]}),
-            )
-            .await;
-        v["pods"][0]["score"]["peer_in_flight"] == 0
+        route(k, &[9001, 9002]).await["pods"][0]["score"]["peer_in_flight"] == 0
     })
     .await;
     a.stop().await;
